@@ -1,0 +1,11 @@
+"""The ``ggprior`` command: one subcommand per stage (thin wrappers over the Python API)."""
+
+from __future__ import annotations
+
+from . import fit  # noqa: F401  (registers subcommands on app)
+from .app import app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

