@@ -73,7 +73,7 @@ def ppf(q: torch.Tensor, mu: Param = 0.0, beta: Param = 1.0, gamma: Param = 2.0)
     if torch.any((q < 0) | (q > 1)):
         raise ValueError("ppf: probabilities must lie in [0, 1]")
     qn = q.detach().to("cpu", torch.float64).numpy()
-    mu_n, beta_n, gamma_n = (np.asarray(torch.as_tensor(p, dtype=torch.float64).cpu()) for p in (mu, beta, gamma))
+    mu_n, beta_n, gamma_n = (torch.as_tensor(p, dtype=torch.float64).cpu().numpy() for p in (mu, beta, gamma))
     g = special.gammaincinv(1.0 / gamma_n, np.abs(2.0 * qn - 1.0))
     out = mu_n + np.sign(qn - 0.5) * beta_n * g ** (1.0 / gamma_n)
     return torch.from_numpy(np.asarray(out)).to(q.device, q.dtype)

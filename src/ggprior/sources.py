@@ -59,6 +59,10 @@ class TensorSource(Mapping[str, torch.Tensor]):
             n *= d
         return n
 
+    def iter_chunks(self, name: str, max_elems: int = 1 << 24) -> Iterator[torch.Tensor]:
+        """The tensor ``name`` flattened, in pieces of about ``max_elems`` values."""
+        yield from self[name].reshape(-1).split(max_elems)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor, loaded."""
         return {k: self[k] for k in self}
@@ -110,6 +114,18 @@ class SafetensorsSource(TensorSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._meta[name][0]
 
+    def iter_chunks(self, name: str, max_elems: int = 1 << 24) -> Iterator[torch.Tensor]:
+        """Read slices along the first dimension, so a tensor larger than memory streams."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            yield self[name].reshape(-1)
+            return
+        row = max(1, self.numel(name) // shape[0])
+        step = max(1, max_elems // row)
+        sl = self._handles[self._where[name]].get_slice(name)
+        for a in range(0, shape[0], step):
+            yield sl[a : a + step].reshape(-1)
+
     def dtype(self, name: str) -> torch.dtype:
         return _ST_DTYPES.get(self._meta[name][1], torch.float32)
 
@@ -152,7 +168,8 @@ def open_source(source: str | os.PathLike | nn.Module | Mapping[str, torch.Tenso
         return SafetensorsSource(_folder_files(path), label=text)
     path = Path(text)
     if not path.exists():
-        raise SourceError(f"{path}: no such file or folder (and not a built-in model: {', '.join(BUILTIN_MODELS)})")
+        known = ", ".join(BUILTIN_MODELS)
+        raise SourceError(f"{path}: no such file or folder (and not a built-in model: {known})")
     if path.is_file():
         if path.suffix == ".safetensors":
             return SafetensorsSource([path], label=str(path))

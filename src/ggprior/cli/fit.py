@@ -1,0 +1,71 @@
+"""``ggprior fit``: GG statistics of every tensor, group and the pooled model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from rich.table import Table
+
+from ..ggd import GGFit
+from ..plots import plot_fit
+from ..report import write_table
+from ..sources import SourceError, open_source
+from ..stats import LINEAR_ROW, MODEL_ROW, fit_model
+from .app import app, console, fail
+
+FIT_COLUMNS = ["name", "group", "shape", "numel", "mu", "beta", "gamma", "std", "gamma_at_bound",
+               "fit_method", "entropy_bits", "loglik_gg", "loglik_gauss", "loglik_laplace",
+               "ks_gg", "ks_gauss", "ks_laplace", "note"]
+
+
+@app.command("fit")
+def fit_cmd(
+    source: str = typer.Argument(..., help="a .safetensors file, a HF folder, or a built-in name (minilm)"),
+    out: Path = typer.Option(Path("runs/fit"), "--out", help="output folder"),
+    mle: bool = typer.Option(False, "--mle", help="refine each tensor's fit by maximum likelihood"),
+    plots: int = typer.Option(4, "--plots", help="plot the pooled rows and this many largest tensors"),
+    gof_values: int = typer.Option(1 << 20, "--gof-values", help="values used for goodness of fit per row"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Fit a GG to every floating tensor, each layer group and the whole model."""
+    try:
+        src = open_source(source)
+        samples: dict[str, torch.Tensor] = {}
+        rows = fit_model(src, mle=mle, max_gof_values=gof_values, seed=seed, pool_samples=samples)
+    except (SourceError, ValueError, OSError) as e:
+        fail(str(e))
+    files = write_table(rows, out, "fit", FIT_COLUMNS, title=f"GG fit of {src.label}")
+    fitted = {r["name"]: r for r in rows if "gamma" in r}
+    pngs = []
+    for pool in (MODEL_ROW, LINEAR_ROW)[: max(0, plots)]:
+        if pool in samples:
+            values = samples[pool]
+            pngs.append(plot_fit(values, _as_fit(fitted[pool]), out / f"fit_{pool.strip('_')}.png",
+                                 title=f"{src.label}: {pool} (sample of {values.numel():,} values)"))
+    largest = sorted((r for r in fitted.values() if not r["name"].startswith(("__", "group:"))),
+                     key=lambda r: -r["numel"])[: max(0, plots)]
+    for r in largest:
+        safe = r["name"].replace("/", "_")
+        title = f"{src.label}: {r['name']}"
+        pngs.append(plot_fit(src[r["name"]], _as_fit(r), out / f"fit_{safe}.png", title=title))
+    _print_summary(rows)
+    console.print(f"wrote {', '.join(str(p) for p in files.values())} and {len(pngs)} plots")
+
+
+def _as_fit(row: dict) -> GGFit:
+    return GGFit(mu=row["mu"], beta=row["beta"], gamma=row["gamma"], n=row["numel"], std=row["std"],
+                 ratio=float("nan"), at_bound=row["gamma_at_bound"], method=row["fit_method"])
+
+
+def _print_summary(rows: list[dict]) -> None:
+    table = Table(title="GG fit (pooled rows)")
+    table.add_column("name", no_wrap=True)
+    for col in ("numel", "mu", "beta", "gamma", "loglik_gg", "loglik_gauss", "ks_gg", "ks_gauss"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if r["name"].startswith(("__", "group:")):
+            table.add_row(r["name"], f"{r['numel']:,}", *(f"{r.get(c, float('nan')):.3g}" for c in
+                          ("mu", "beta", "gamma", "loglik_gg", "loglik_gauss", "ks_gg", "ks_gauss")))
+    console.print(table)
