@@ -18,7 +18,7 @@ when it is smaller, else a seeded uniform subsample (pools sample each member in
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -86,7 +86,6 @@ def fit_model(
     names: list[str] | None = None,
     seed: int = 0,
     progress: bool = True,
-    on_tensor: Callable[[str, torch.Tensor, ggd.GGFit], None] | None = None,
     pool_samples: dict[str, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Fit every floating tensor, group and the pooled model of ``source``; return the rows.
@@ -94,8 +93,8 @@ def fit_model(
     ``source`` is anything :func:`ggprior.sources.open_source` accepts. ``mle`` refines each
     tensor's moment fit by maximum likelihood (pools stay moment fits). Tensors that are
     constant (a freshly initialised LayerNorm) or too small get a row without a fit.
-    ``on_tensor(name, tensor, fit)`` is called for each fitted tensor; ``pool_samples``, if
-    given, is filled with each pooled row's goodness-of-fit sample (plots use both).
+    ``pool_samples``, if given, is filled with each pooled row's goodness-of-fit sample
+    (the plots use it). Every tensor is read in chunks, so files larger than memory work.
     """
     src: TensorSource = open_source(source)
     names = floating_names(src) if names is None else names
@@ -107,32 +106,33 @@ def fit_model(
     rows: list[dict] = []
     skipped: list[dict] = []
 
-    # Pass 1: per-tensor fits (each tensor whole in memory) and the pools' first moments.
+    # Pass 1: per-tensor fits (streamed over chunks) and the pools' first moments.
     for name in tqdm(names, desc="fit tensors", unit="tensor", disable=not progress):
         members = [MODEL_ROW, f"group:{tensor_group(name)}"]
         if is_linear_weight(name, len(src.shape(name))):
             members.append(LINEAR_ROW)
-        chunks = list(src.iter_chunks(name))
-        for m in members:
-            pool = pools.setdefault(m, _Pool(ggd.MomentAccumulator(f"{src.label} ({m})")))
-            pool.members.append(name)
-            for c in chunks:
-                pool.acc.add(c)
+        def chunks(name=name):
+            return src.iter_chunks(name)
+
         extra = {"group": tensor_group(name), "shape": "x".join(map(str, src.shape(name)))}
         try:
             fit = ggd.fit(chunks, name=name, mle=mle)
         except ValueError as e:
             if "NaN or Inf" in str(e):
                 raise
+            fit = None
             skipped.append({"name": name, **extra, "numel": src.numel(name), "note": str(e)})
-            continue
-        values = None
-        if gof:
-            values = torch.cat([_subsample(c, max(1, max_gof_values * c.numel() // src.numel(name)), gen)
-                                for c in chunks])
-        rows.append(_row(name, fit, values, extra))
-        if on_tensor is not None:
-            on_tensor(name, torch.cat(chunks), fit)
+        member_pools = [pools.setdefault(m, _Pool(ggd.MomentAccumulator(f"{src.label} ({m})"))) for m in members]
+        sample = []
+        for c in chunks():
+            for pool in member_pools:
+                pool.acc.add(c)
+            if gof and fit is not None:
+                sample.append(_subsample(c, max(1, max_gof_values * c.numel() // src.numel(name)), gen))
+        for pool in member_pools:
+            pool.members.append(name)
+        if fit is not None:
+            rows.append(_row(name, fit, torch.cat(sample) if sample else None, extra))
 
     # Pass 2: the pools' centred moments around their own means, and their GOF samples.
     for name in tqdm(names, desc="fit pools", unit="tensor", disable=not progress):
@@ -148,10 +148,15 @@ def fit_model(
         if key not in pools:
             continue
         pool = pools[key]
-        fit = pool.acc.fit()
+        extra = {"group": key, "shape": f"{len(pool.members)} tensors"}
+        try:
+            fit = pool.acc.fit()
+        except ValueError as e:
+            pool_rows.append({"name": key, **extra, "numel": pool.acc.n, "note": str(e)})
+            continue
         values = torch.cat(pool.sample) if gof else None
         if pool_samples is not None and values is not None:
             pool_samples[key] = values
-        pool_rows.append(_row(key, fit, values, {"group": key, "shape": f"{len(pool.members)} tensors"}))
+        pool_rows.append(_row(key, fit, values, extra))
     assert sum(r["numel"] for r in rows) + sum(r["numel"] for r in skipped) == total
     return pool_rows + rows + skipped
