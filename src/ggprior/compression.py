@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -217,3 +218,19 @@ def quantized_state_dict(
         else:
             out[name] = t
     return out
+
+
+def plot_bits(summary: dict, path: str | os.PathLike) -> Path:
+    """Bar chart of whole-model bits/weight per coder; returns the PNG path."""
+    from .plots import plt, save_figure
+
+    cs = [c for c in CODERS if f"bpw_{c}" in summary]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    vals = [summary[f"bpw_{c}"] for c in cs]
+    bars = ax.bar(cs, vals, color=["#888" if c in ("entropy", "gg") else "#3a7" for c in cs])
+    for b, v in zip(bars, vals, strict=True):
+        ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("bits per weight")
+    ax.set_title(f"{summary.get('source', '')}: {summary.get('step_rule', '')} (grey: ideal, no side info)")
+    ax.tick_params(axis="x", rotation=30)
+    return save_figure(fig, path)

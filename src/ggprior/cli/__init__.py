@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import fit  # noqa: F401  (registers subcommands on app)
+from . import compress  # noqa: F401
 from .app import app
 
 
