@@ -9,11 +9,12 @@ Architectures (built from transformers configs, randomly initialised):
 - ``minilm``: the pretrained all-MiniLM-L6-v2 encoder with a fresh classification head
   (fine-tuning; uses MiniLM's own WordPiece tokenizer, loaded offline).
 
-Size at ``scale`` s (integer >= 1): hidden 128 s, layers 2 s, heads 2 s, MLP 4x hidden
-(LLaMA: 8/3 x hidden rounded to 32, its SwiGLU having three matrices). Input and output
-embeddings are tied in the decoders. At s = 1 with a 4096-token vocabulary a model has
-0.9-1.0M parameters and trains an epoch of the sentiment task in seconds on 2 CPU cores;
-s = 4 (hidden 512, 8 layers, ~30M) is for a GPU.
+Size at ``scale`` s (integer >= 1): hidden 64 s, layers 2 s, heads 2 s, MLP 4x hidden
+(LLaMA: 8/3 x hidden rounded to 16, its SwiGLU having three matrices). Input and output
+embeddings are tied in the decoders. At s = 1 with a 4096-token vocabulary a model has about
+0.37M parameters (0.26M of them the embedding) and trains an epoch of the sentiment task in
+well under a minute on one CPU core; s = 2 is 4 layers of width 128 (~1.3M); s = 8 (width 512,
+16 layers, ~50M) is for a GPU.
 
 Init schemes (:func:`initialize_`), applied to the same weights (every Linear / Conv1D
 matrix; see ``ggprior.init.gg_init_``): ``default`` keeps transformers' N(0, 0.02);
@@ -55,8 +56,8 @@ def size_for(arch: str, scale: int = 1) -> Size:
     """The :class:`Size` of ``arch`` at integer ``scale`` (see the module docstring)."""
     if not isinstance(scale, int) or scale < 1:
         raise ModelError(f"scale must be an integer >= 1, got {scale!r}")
-    hidden = 128 * scale
-    inter = 4 * hidden if arch != "llama" else 32 * round(8 * hidden / 3 / 32)
+    hidden = 64 * scale
+    inter = 4 * hidden if arch != "llama" else 16 * round(8 * hidden / 3 / 16)
     return Size(hidden=hidden, layers=2 * scale, heads=2 * scale, intermediate=inter)
 
 

@@ -1,0 +1,206 @@
+"""BackSlash: rate-constrained training with a generalized-Gaussian rate (arXiv 2504.16968).
+
+Objective J = D + lambda R(theta), with the GG rate surrogate over the N penalised values
+
+    R(theta) = (1/N) sum_i (|theta_i| + eps)^nu,
+
+nu the GG shape of the parameters re-estimated every step by the moment ratio
+rho_hat = N sum(theta^2) / (sum|theta|)^2, nu = rho^-1(rho_hat) (``ggprior.ggd.gamma_from_ratio``,
+exact bisection, clamped to ``nu_range`` = [0.1, 3.0] like the reference table over
+[0.10, 2.99]). The ratio is not centred (the rate is on |theta|), as in the reference.
+
+Two ways to apply it (``mode``):
+
+- ``"step"`` (default, the reference implementation): after every optimizer step, outside
+  autograd, theta <- theta - (lambda nu / N) sign(theta) (|theta| + eps)^(nu - 1), i.e. a plain
+  gradient step on lambda R with unit rate. Its strength does not depend on the optimizer.
+- ``"loss"``: lambda R(theta) is added to the loss and differentiated; the same gradient then
+  passes through AdamW's per-coordinate normalisation, so lambda means something else.
+
+Decisions (OPEN in the notes):
+
+- Which parameters: ``params="matrices"`` (default) penalises every tensor with >= 2 dims
+  (linear/attention/MLP matrices, embeddings; tied ones once) and pools nu over them; LayerNorm
+  gains (near 1) and biases would otherwise dominate the pooled moment ratio (SPEC.md section 1
+  measures gamma ~ 0.08 pooled over all of MiniLM against 1.24 over its matrices) and be
+  shrunk towards 0. ``params="all"`` reproduces the reference (every parameter).
+- ``per_tensor=True`` estimates one nu per tensor; N stays the total count, so R is still
+  one mean over all penalised values.
+- Fixed-shape baselines: ``nu=1`` is L1 (the update is (lambda/N) sign(theta), eps is
+  irrelevant); ``nu=2, eps=0`` is exactly decoupled weight decay theta <- (1 - 2 lambda/N) theta.
+  ``make_rate_callback`` builds these as ``l1`` / ``l2``.
+- eps must be positive whenever nu can fall below 1 (the update (|theta|+eps)^(nu-1) is
+  infinite at 0 otherwise); default 1, the reference value.
+- Schedule: ``epochs=k`` applies the rate in the first k epochs only (BackSlash epochs, then
+  plain fine-tuning epochs); ``None`` applies it throughout.
+- lambda is per-model: the step is lambda nu / N per value, so the same lambda is ~100x
+  stronger on a 1M-parameter model than on BERT-base (110M; reference lambda = 2e3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..ggd import gamma_from_ratio
+from .loop import Callback, TrainError
+
+NU_RANGE = (0.1, 3.0)
+PARAM_SETS = ("matrices", "all")
+MODES = ("step", "loss")
+RATES = ("none", "backslash", "l1", "l2")
+
+
+def rate_parameters(model: nn.Module, which: str = "matrices") -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs the rate applies to; tied parameters once."""
+    if which not in PARAM_SETS:
+        raise TrainError(f"unknown parameter set {which!r}; known: {', '.join(PARAM_SETS)}")
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and (which == "all" or p.dim() >= 2)]
+
+
+def moment_sums(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """Per-tensor (count, sum |x|, sum x^2) in float64, shape (len(tensors), 3), one device sync."""
+    if not tensors:
+        raise TrainError("no tensors to estimate a GG shape from")
+    with torch.no_grad():
+        l1 = torch.stack([torch.linalg.vector_norm(t.detach().float(), 1) for t in tensors])
+        l2 = torch.stack([torch.linalg.vector_norm(t.detach().float(), 2) for t in tensors])
+        sums = torch.stack([l1.double(), l2.double().square()], dim=1).cpu().numpy()
+    counts = np.array([[t.numel()] for t in tensors], dtype=np.float64)
+    return np.concatenate([counts, sums], axis=1)
+
+
+def estimate_nu(tensors: Sequence[torch.Tensor], per_tensor: bool = False,
+                nu_range: tuple[float, float] = NU_RANGE) -> np.ndarray:
+    """The GG shape by the moment ratio N sum(x^2) / (sum|x|)^2: pooled, or one per tensor.
+
+    Returns one nu per tensor (all equal when pooled). An all-zero pool or tensor gets the
+    upper bound of ``nu_range`` (no rate pressure left to exert).
+    """
+    m = moment_sums(tensors)
+    if not per_tensor:
+        m = m.sum(axis=0, keepdims=True)
+    n, s1, s2 = m[:, 0], m[:, 1], m[:, 2]
+    ratio = np.divide(n * s2, s1**2, out=np.zeros_like(s1), where=s1 > 0)
+    nu, _ = gamma_from_ratio(ratio, *nu_range)
+    nu = np.asarray(nu, dtype=np.float64)
+    return np.broadcast_to(nu, (len(tensors),)).copy()
+
+
+def rate(tensors: Sequence[torch.Tensor], nu: Sequence[float] | float, eps: float = 1.0) -> torch.Tensor:
+    """R = (1/N) sum (|x| + eps)^nu over all values (differentiable; nu per tensor or shared)."""
+    nus = [float(nu)] * len(tensors) if np.isscalar(nu) else [float(v) for v in nu]
+    if len(nus) != len(tensors):
+        raise TrainError(f"got {len(nus)} shapes for {len(tensors)} tensors")
+    n = sum(t.numel() for t in tensors)
+    return sum((t.abs() + eps).pow(v).sum() for t, v in zip(tensors, nus, strict=True)) / n
+
+
+@torch.no_grad()
+def backslash_step_(tensors: Sequence[torch.Tensor], lam: float, nu: Sequence[float] | float, eps: float = 1.0,
+                    n: int | None = None) -> None:
+    """In place: x <- x - (lam nu / N) sign(x) (|x| + eps)^(nu - 1); N defaults to the total count."""
+    nus = [float(nu)] * len(tensors) if np.isscalar(nu) else [float(v) for v in nu]
+    n = n if n is not None else sum(t.numel() for t in tensors)
+    for t, v in zip(tensors, nus, strict=True):
+        c = lam * v / n
+        if v == 1.0:
+            t.sub_(torch.sign(t), alpha=c)
+        elif v == 2.0 and eps == 0.0:
+            t.mul_(1.0 - 2.0 * lam / n)
+        else:
+            t.sub_(torch.sign(t) * (t.abs() + eps).pow_(v - 1.0), alpha=c)
+
+
+class BackSlash(Callback):
+    """Rate-constrained training as a trainer callback (see the module docstring).
+
+    ``nu=None`` re-estimates the shape every step (BackSlash); a number fixes it (L1: 1, L2: 2).
+    """
+
+    def __init__(self, lam: float, *, nu: float | None = None, eps: float = 1.0, per_tensor: bool = False,
+                 mode: str = "step", epochs: int | None = None, params: str = "matrices",
+                 nu_range: tuple[float, float] = NU_RANGE):
+        if not lam >= 0:
+            raise TrainError(f"BackSlash lambda must be >= 0, got {lam}")
+        if mode not in MODES:
+            raise TrainError(f"unknown BackSlash mode {mode!r}; known: {', '.join(MODES)}")
+        if params not in PARAM_SETS:
+            raise TrainError(f"unknown parameter set {params!r}; known: {', '.join(PARAM_SETS)}")
+        lo, hi = nu_range
+        if not 0 < lo < hi:
+            raise TrainError(f"nu_range must satisfy 0 < lo < hi, got {nu_range}")
+        if nu is not None and not nu > 0:
+            raise TrainError(f"fixed nu must be positive, got {nu}")
+        if eps < 0 or (eps == 0 and (nu is None and lo < 1 or nu is not None and nu < 1)):
+            raise TrainError(f"eps must be > 0 when nu can be below 1 (got eps={eps}, nu={nu}, range={nu_range})")
+        if epochs is not None and epochs < 0:
+            raise TrainError(f"BackSlash epochs must be >= 0 or None, got {epochs}")
+        self.lam, self.fixed_nu, self.eps, self.per_tensor = lam, nu, eps, per_tensor
+        self.mode, self.epochs, self.params, self.nu_range = mode, epochs, params, nu_range
+        self.active = True
+        self.tensors: list[nn.Parameter] = []
+        self.n = 0
+        self.nu_last: list[float] = []
+        self._nu_sum, self._nu_count = 0.0, 0
+
+    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
+        pairs = rate_parameters(model, self.params)
+        if not pairs:
+            raise TrainError("BackSlash: the model has no parameters in the selected set")
+        self.tensors = [p for _, p in pairs]
+        self.n = sum(p.numel() for p in self.tensors)
+
+    def on_epoch_begin(self, model: nn.Module, epoch: int) -> None:
+        self.active = self.epochs is None or epoch < self.epochs
+        self._nu_sum, self._nu_count = 0.0, 0
+
+    def current_nu(self) -> np.ndarray:
+        """The shape(s) to use now: the fixed one, or re-estimated from the parameters."""
+        if self.fixed_nu is not None:
+            nu = np.full(len(self.tensors), float(self.fixed_nu))
+        else:
+            nu = estimate_nu(self.tensors, self.per_tensor, self.nu_range)
+        self.nu_last = nu.tolist()
+        self._nu_sum += float(np.average(nu, weights=[p.numel() for p in self.tensors]))
+        self._nu_count += 1
+        return nu
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        if self.mode != "loss" or not self.active or self.lam == 0:
+            return None
+        return self.lam * rate(self.tensors, self.current_nu(), self.eps)
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        if self.mode == "step" and self.active and self.lam > 0:
+            backslash_step_(self.tensors, self.lam, self.current_nu(), self.eps, self.n)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict:
+        nu_mean = self._nu_sum / self._nu_count if self._nu_count else None
+        with torch.no_grad():
+            nu_now = estimate_nu(self.tensors, False, self.nu_range)[0]
+            zeros = sum(int((p == 0).sum()) for p in self.tensors) / self.n
+        return {"rate_active": self.active, "rate_nu_mean": nu_mean, "rate_nu_fit": float(nu_now),
+                "rate_exact_zero_frac": zeros}
+
+    def state_dict(self) -> dict:
+        return {"nu_last": self.nu_last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nu_last = list(state.get("nu_last", []))
+
+
+def make_rate_callback(kind: str, lam: float, *, epochs: int | None = None, eps: float | None = None,
+                       per_tensor: bool = False, mode: str = "step", params: str = "matrices") -> BackSlash | None:
+    """``none`` -> None; ``backslash`` (adaptive nu, eps 1); ``l1`` (nu 1); ``l2`` (nu 2, eps 0)."""
+    if kind not in RATES:
+        raise TrainError(f"unknown rate {kind!r}; known: {', '.join(RATES)}")
+    if kind == "none":
+        return None
+    nu = {"backslash": None, "l1": 1.0, "l2": 2.0}[kind]
+    default_eps = 0.0 if kind == "l2" else 1.0
+    return BackSlash(lam, nu=nu, eps=default_eps if eps is None else eps, per_tensor=per_tensor, mode=mode,
+                     epochs=epochs, params=params)
