@@ -63,8 +63,7 @@ def quantize(t: torch.Tensor, step: float, *, name: str = "tensor") -> torch.Ten
     x = t.detach()
     if not torch.is_floating_point(x):
         raise QuantError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    x = x.to(torch.float64) if x.dtype == torch.float64 else x.to(torch.float32)
-    q = torch.round(x / step)
+    q = torch.round(x.to(torch.float64) / step)  # float64: a float32 quotient can round to the wrong level
     if q.numel():
         lo, hi = torch.aminmax(q)
         if not (-Q_LIMIT <= float(lo) and float(hi) <= Q_LIMIT):  # also catches NaN
@@ -111,9 +110,7 @@ def rel_error(t: torch.Tensor, step: float, q: torch.Tensor | None = None) -> fl
 
     ``q`` defaults to ``quantize(t, step)``; pass it to save a pass over the tensor.
     """
-    x = t.detach().reshape(-1)
-    if not torch.is_floating_point(x):
-        x = x.to(torch.float64)
+    x = t.detach().reshape(-1).to(torch.float64)
     norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
     if norm == 0.0:
         return 0.0
