@@ -339,7 +339,7 @@ def encode_authors(x: torch.Tensor, *, name: str = "tensor") -> tuple[torch.Tens
     """
     if not x.is_floating_point():
         raise TypeError(f"{name}: RF8 encodes floating-point tensors, got {x.dtype}")
-    a = x.detach().to(torch.float32)
+    a = x.detach().to(torch.float32).contiguous()
     _check_nan(a, name)
     finite = a[torch.isfinite(a)]
     amax = float(finite.abs().max()) if finite.numel() else 0.0

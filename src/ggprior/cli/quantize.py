@@ -1,0 +1,49 @@
+"""``ggprior quantize``: store a model's weights in RF8, FP16, BF16, FP8 or int8."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from ..formats import FORMATS, QUANTIZED_FILE, parse_select, save_quantized
+from ..report import write_table
+from ..sources import SourceError
+from .app import app, console, fail
+
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    source: str = typer.Argument(..., help="a .safetensors file, a HF folder, a .bin/.pt state dict, or minilm"),
+    fmt: str = typer.Option(..., "--format", help=f"one of {', '.join(FORMATS)}"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    include: str = typer.Option(None, "--include", help="only tensors whose name matches this regex"),
+    exclude: str = typer.Option(None, "--exclude", help="keep tensors whose name matches this regex as they are"),
+) -> None:
+    """Quantize every floating-point matrix of SOURCE into OUT/quantized.safetensors (per-tensor table beside it)."""
+    if fmt not in FORMATS:
+        fail(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a folder")
+    try:
+        select = parse_select(include, exclude)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = save_quantized(source, out / QUANTIZED_FILE, fmt, select=select,
+                              progress=lambda it: tqdm(it, desc=f"quantize {fmt}", unit="tensor", leave=False))
+    except (SourceError, ValueError, TypeError, OSError) as e:
+        fail(str(e))
+    folder = Path(source)
+    if folder.is_dir():
+        for name in COPIED:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, out / name)
+    write_table(rows, out, "quantize", title=f"{source} in {fmt}")
+    n_in, n_out = sum(r["bytes_in"] for r in rows), sum(r["bytes_out"] for r in rows)
+    worst = min(rows, key=lambda r: r["sqnr_db"], default=None)
+    console.print(f"wrote {out / QUANTIZED_FILE}: {len(rows)} tensors in {fmt}, {n_in:,} -> {n_out:,} bytes"
+                  + (f"; lowest SQNR {worst['sqnr_db']:.1f} dB ({worst['tensor']})" if worst else ""))
