@@ -61,7 +61,8 @@ def size_for(arch: str, scale: int = 1) -> Size:
     return Size(hidden=hidden, layers=2 * scale, heads=2 * scale, intermediate=inter)
 
 
-def _check(arch: str, kind: str) -> None:
+def check_arch(arch: str, kind: str) -> None:
+    """Raise :class:`ModelError` unless ``arch`` can serve a ``kind`` task."""
     if arch not in ARCHITECTURES:
         raise ModelError(f"unknown model {arch!r}; known: {', '.join(ARCHITECTURES)}")
     if kind not in ("classification", "lm"):
@@ -79,7 +80,7 @@ def build_model(
     Seed torch before calling for a reproducible init. ``pad_id`` is the tokenizer's padding
     id (the decoders' classifiers read the last non-padding token).
     """
-    _check(arch, kind)
+    check_arch(arch, kind)
     if arch == "minilm":
         return load_minilm(num_labels)
     from transformers import (
