@@ -413,8 +413,8 @@ def deepshape(
 
 
 def deepshape_(model: nn.Module, k_gamma: float, k_beta: float, **kwargs) -> list[ShapeReport]:
-    """In-place DeepShape on a module's parameters and buffers (for reshape + fine-tune loops)."""
-    state = model.state_dict()
+    """In-place DeepShape on a module's parameters (tied ones once; for reshape + fine-tune loops)."""
+    state = dict(model.named_parameters())
     result = deepshape(state, k_gamma, k_beta, **kwargs)
     with torch.no_grad():
         for k in result.reshaped:
