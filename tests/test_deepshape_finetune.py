@@ -85,3 +85,46 @@ def test_summary_is_value_weighted_and_errors_are_named():
         deepshape_finetune(model, toy_task(), 1.0, 0.5, epochs=-1)
     with pytest.raises(ValueError, match="no reports"):
         summarize_reports([])
+
+
+def test_cli_fine_tuning_needs_an_architecture_for_a_weights_file(tmp_path):
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from ggprior.cli import app
+
+    save_file({"w": torch.randn(64, 96)}, tmp_path / "in.safetensors")
+    res = CliRunner().invoke(app, ["deepshape", str(tmp_path / "in.safetensors"), str(tmp_path / "o.safetensors"),
+                                   "--task", "spam"])
+    assert res.exit_code != 0 and "needs the architecture" in res.output
+    res = CliRunner().invoke(app, ["deepshape", str(tmp_path / "in.safetensors"), str(tmp_path / "o.safetensors"),
+                                   "--task", "nope", "--arch", "bert"])
+    assert res.exit_code != 0 and "unknown task 'nope'" in res.output
+
+
+@pytest.mark.slow
+def test_cli_reshapes_and_fine_tunes_a_small_bert(tmp_path):
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from ggprior.cli import app
+    from ggprior.data import get_tokenizer
+    from ggprior.deepshape import save_tensors
+    from ggprior.models import build_model
+
+    tok = get_tokenizer("bpe", "spam", 300)
+    torch.manual_seed(0)
+    model = build_model("bert", "classification", vocab_size=tok.vocab_size, max_positions=32, pad_id=tok.pad_id)
+    save_tensors(model.state_dict(), tmp_path / "in.safetensors")
+    res = CliRunner().invoke(app, [
+        "deepshape", str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"), "--k-beta", "0.7",
+        "--task", "spam", "--arch", "bert", "--vocab-size", "300", "--max-len", "32", "--max-train", "64",
+        "--epochs", "1", "--rounds", "2", "--report", str(tmp_path / "rep"),
+    ])
+    assert res.exit_code == 0, res.output
+    before, after = load_file(tmp_path / "in.safetensors"), load_file(tmp_path / "out.safetensors")
+    assert set(before) == set(after)
+    w = "bert.encoder.layer.0.intermediate.dense.weight"
+    assert ggd.fit(after[w]).beta < 0.8 * ggd.fit(before[w]).beta
+    rows = (tmp_path / "rep" / "deepshape.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and "validation_accuracy" in rows[0]

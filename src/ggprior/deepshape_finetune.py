@@ -9,13 +9,17 @@ with its own seed (``config.seed + round``) and a fresh optimizer and schedule.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+import torch
 from torch import nn
 
-from .data import TaskData
+from .data import LABEL_NAMES, TaskData, TextTokenizer, get_tokenizer, task_kind
 from .deepshape import ShapeReport, deepshape_
+from .models import build_model, load_minilm
+from .sources import open_source
 from .train import Callback, TrainConfig, evaluate, train
 
 
@@ -73,3 +77,45 @@ def deepshape_finetune(
                                  callbacks)
         rows.append(row)
     return rows
+
+
+def model_for_task(
+    source: str | os.PathLike | Mapping[str, torch.Tensor], task: str, *, arch: str | None = None, scale: int = 1,
+    vocab_size: int = 4096, max_len: int = 128,
+) -> tuple[nn.Module, TextTokenizer]:
+    """A trainable model for ``task`` holding ``source``'s weights, and its tokenizer.
+
+    ``"minilm"``: all-MiniLM-L6-v2 with a fresh classification head and its WordPiece
+    tokenizer. Any other source (a safetensors file, a state dict) needs ``arch`` (bert, gpt2,
+    llama at ``scale``): the model is built as ``ggprior.models.build_model`` builds it for the
+    task, with the task's BPE tokenizer of ``vocab_size`` tokens, and the weights are loaded
+    strictly (missing or unexpected tensors are named in the error).
+    """
+    kind = task_kind(task)
+    num_labels = len(LABEL_NAMES[task]) if kind == "classification" else 2
+    if isinstance(source, str) and source == "minilm":
+        if kind != "classification":
+            raise ValueError(f"minilm is an encoder: task {task!r} is a language-modelling corpus")
+        return load_minilm(num_labels), get_tokenizer("minilm")
+    if arch is None:
+        raise ValueError(f"{source}: fine-tuning a weights file needs the architecture (arch=bert|gpt2|llama)")
+    tok = get_tokenizer("bpe", task, vocab_size)
+    model = build_model(arch, kind, vocab_size=tok.vocab_size, num_labels=num_labels, max_positions=max_len,
+                        pad_id=tok.pad_id, scale=scale)
+    src = open_source(source)
+    state = {k: src[k] for k in src}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _tied_or_buffer(model, k, state)]
+    if missing or unexpected:
+        raise ValueError(f"{src.label}: does not fit {arch} (scale {scale}, vocab {tok.vocab_size}) for {task}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, tok
+
+
+def _tied_or_buffer(model: nn.Module, name: str, state: Mapping[str, torch.Tensor]) -> bool:
+    """A key a weights file may omit: a buffer, or a parameter tied to one that is present."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if name not in params:
+        return True
+    ptr = params[name].data_ptr()
+    return any(p.data_ptr() == ptr and k in state for k, p in params.items() if k != name)
