@@ -257,7 +257,7 @@ def test_garbage_streams_never_crash_or_overallocate(coder, blob, n):
         out = registry.decode(coder, blob, n, params, GG)
     except CodingError:
         return
-    assert out.shape == (n,) and n <= ans.max_symbols(len(blob))
+    assert out.shape == (n,) and n <= ans.max_symbols(len(blob))  # the loosest bound of any coder
 
 
 def test_bad_parameters_are_named():
@@ -280,3 +280,14 @@ def test_bad_parameters_are_named():
         expgolomb.decode(b"\x80\x00", 1, 0)
     with pytest.raises(CodingError, match="beta and gamma"):
         ans.decode_gg(b"\x00" * 8, 1, GGParams(0.0, -1.0, 1.0), 0, 4)
+
+
+@pytest.mark.parametrize("coder", ["ans", "ans-hist", "eg", "huffman"])
+def test_claimed_count_is_bounded_by_the_stream(coder):
+    q = np.zeros(100_000, dtype=np.int32)
+    q[::1000] = 1  # a very peaked tensor: the cheapest symbols any real stream holds
+    gg = ggmodel.fit(histogram(q)).as_float32()
+    data, params = registry.encode(coder, q, gg)
+    assert np.array_equal(registry.decode(coder, data, q.size, params, gg), q)
+    with pytest.raises(CodingError, match="cannot (fit|be coded)|counts sum"):
+        registry.decode(coder, data, 1000 * q.size, params, gg)

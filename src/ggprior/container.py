@@ -181,12 +181,12 @@ def _validate_entry(e: object, i: int, data_bytes: int, where: str) -> dict:
         raise ContainerError(f"{where}: tensor entry {i} has no valid name")
     tag = f"{where}: tensor {name!r}"
     shape = e.get("shape")
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and 0 <= d <= MAX_NUMEL for d in shape):
         raise ContainerError(f"{tag}: invalid shape {shape!r}")
     numel = math.prod(shape)
     if numel > MAX_NUMEL:
         raise ContainerError(f"{tag}: {numel} elements exceed the limit of {MAX_NUMEL}")
-    if e.get("dtype") not in DTYPES:
+    if not isinstance(e.get("dtype"), str) or e["dtype"] not in DTYPES:
         raise ContainerError(f"{tag}: unsupported dtype {e.get('dtype')!r}")
     for k in ("offset", "length", "crc32"):
         if not _is_int(e.get(k)) or e[k] < 0:
@@ -325,6 +325,7 @@ class _Reader:
             q = torch.from_numpy(self.integers(e)).reshape(shape)
             t = quant.dequantize(q, e["step"], DTYPES[e["dtype"]][0])
         return t.to(device) if device is not None else t
+
 
 def read_header(path: str | os.PathLike) -> dict:
     """The validated header of a .ggz file (streams are not read)."""

@@ -9,9 +9,10 @@ Two probability models over the alphabet [qmin, qmax] of a tensor's integers:
 Both models are passed to ``constriction.stream.model.Categorical(..., perfect=False)``,
 which quantizes them deterministically and gives every symbol of the range a nonzero
 probability. Before that the most probable symbol is capped at ``P_MAX`` (1 - 2^-8), so
-every symbol costs at least ``-log2(P_MAX)`` bits: this costs nothing measurable on weights
-and bounds how many symbols a stream of a given size can claim, which the decoder checks
-before allocating (``max_symbols``). The alphabet always has at least two symbols.
+every symbol costs at least ``-log2(max p) >= -log2(P_MAX)`` bits: this costs nothing
+measurable on weights and bounds how many symbols a stream of a given size can claim under
+its model, which the decoder checks before allocating (``max_symbols``). The alphabet always
+has at least two symbols.
 
 An ANS coder starting from its empty state codes runs of the symbol whose cumulative
 probability starts at 0 for free (the state stays 0), so an empty stream would decode to any
@@ -41,12 +42,17 @@ P_MAX = 1.0 - 2.0**-8
 NSYM_MAX = 1 << 20
 OVERHEAD_BITS = 64
 SENTINEL = 1  # coded after the last value: see _encode
-SYMBOLS_PER_BIT = 400  # > 1 / -log2(P_MAX) = 177, with margin for the coder's own quantization
+BOUND_MARGIN = 1.05  # the coder's 24-bit quantization may raise max p slightly above the capped model's
 
 
-def max_symbols(nbytes: int) -> int:
-    """The most symbols a stream of ``nbytes`` can hold (each costs >= -log2(P_MAX) bits)."""
-    return SYMBOLS_PER_BIT * (8 * nbytes + OVERHEAD_BITS)
+def max_symbols(nbytes: int, p: np.ndarray | None = None) -> int:
+    """The most symbols a stream of ``nbytes`` can hold under model ``p`` (default: any model).
+
+    Each symbol costs at least ``-log2(max p)`` bits and the final coder state at most
+    ``OVERHEAD_BITS``; ``p`` is capped as the coder does it, ``None`` means ``max p = P_MAX``.
+    """
+    pmax = P_MAX if p is None else float(capped(p).max())
+    return int(BOUND_MARGIN * (8 * nbytes + OVERHEAD_BITS) / -math.log2(pmax)) + 2
 
 
 def capped(p: np.ndarray) -> np.ndarray:
@@ -92,7 +98,7 @@ def _decode(data: bytes | memoryview, n: int, p: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if len(data) % 4:
         raise CodingError(f"ANS: stream length {len(data)} is not a multiple of 4 bytes")
-    if n > max_symbols(len(data)):
+    if n > max_symbols(len(data), p):
         raise CodingError(f"ANS: {n} values cannot be coded in {len(data)} bytes")
     words = np.frombuffer(bytes(data), dtype="<u4").astype(np.uint32)
     try:

@@ -162,13 +162,13 @@ def decode(data: bytes | bytearray | memoryview, n: int, k: int = 0, *, signed: 
     """Decode ``n`` integers (int64) from an Exp-Golomb stream of order ``k``.
 
     Raises :class:`CodingError` if the stream is truncated, holds an invalid codeword or has
-    bytes left over. Allocates ``n`` values, so callers must bound ``n`` first: every
-    codeword takes at least one bit (``n <= 8 * len(data)``), which is checked here.
+    bytes left over. Every codeword takes at least ``k + 1`` bits, so ``n`` is checked
+    against the stream length (``n (k + 1) <= 8 len(data)``) before anything is allocated.
     """
     k = _check_k(k)
     nbits = 8 * len(data)
-    if n < 0 or n > nbits:
-        raise CodingError(f"Exp-Golomb: {n} values cannot fit in {len(data)} bytes (at least 1 bit each)")
+    if n < 0 or n * (k + 1) > nbits:
+        raise CodingError(f"Exp-Golomb: {n} values cannot fit in {len(data)} bytes (at least {k + 1} bits each)")
     out, status, pos = _decode(padded(data), nbits, int(n), k, signed)
     if status == 1:
         raise CodingError(f"Exp-Golomb: stream truncated ({len(data)} bytes hold fewer than {n} values)")

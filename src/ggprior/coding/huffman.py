@@ -240,7 +240,7 @@ def decode(data: bytes | bytearray | memoryview, n: int, qmin: int, nsym: int) -
     """Decode ``n`` integers (int64) from a stream written by :func:`encode`.
 
     Validates the length table (range, Kraft's inequality) and bounds ``n`` by the payload
-    size (every codeword takes at least one bit) before allocating.
+    size (every codeword takes at least the shortest code length) before allocating.
     """
     if not isinstance(nsym, (int, np.integer)) or not 1 <= int(nsym) <= NSYM_MAX:
         raise CodingError(f"Huffman: alphabet size must be in [1, {NSYM_MAX}], got {nsym!r}")
@@ -257,8 +257,10 @@ def decode(data: bytes | bytearray | memoryview, n: int, qmin: int, nsym: int) -
         raise CodingError("Huffman: code length table is empty or violates Kraft's inequality")
     payload = data[tbytes:]
     nbits = 8 * len(payload)
-    if n < 0 or n > nbits:
-        raise CodingError(f"Huffman: {n} values cannot fit in {len(payload)} payload bytes (at least 1 bit each)")
+    shortest = int(lens[lens > 0].min())
+    if n < 0 or n * shortest > nbits:
+        raise CodingError(f"Huffman: {n} values cannot fit in {len(payload)} payload bytes "
+                          f"(at least {shortest} bits each)")
     out, status, pos = _decode(padded(payload), nbits, int(n), qmin, *_tables(lens))
     if status == 1:
         raise CodingError(f"Huffman: stream truncated ({len(payload)} payload bytes hold fewer than {n} values)")
