@@ -1,0 +1,37 @@
+"""``ggprior pipeline``: the whole framework end to end on one task, with a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..pipeline import PipelineConfig, PipelineError, run_pipeline
+from .app import app, console, fail
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    task: str = typer.Option("sentiment", "--task", help="sentiment, spam or topic"),
+    out: Path = typer.Option(Path("runs/pipeline"), "--out", help="output folder (stages cached here)"),
+    size: str = typer.Option("default", "--size", help="default (minutes) or tiny (a smoke run)"),
+    epochs: int = typer.Option(None, "--epochs", help="training epochs of each model"),
+    gamma: float = typer.Option(None, "--gamma", help="shape of the GG initialization"),
+    lam: float = typer.Option(None, "--lam", help="BackSlash rate weight lambda"),
+    k_gamma: float = typer.Option(None, "--k-gamma", help="DeepShape target gamma factor"),
+    k_beta: float = typer.Option(None, "--k-beta", help="DeepShape target beta factor"),
+    bits: int = typer.Option(None, "--bits", help="quantization grid of the coded files (FL bits per tensor)"),
+    seed: int = typer.Option(None, "--seed"),
+    device: str = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda"),
+) -> None:
+    """Statistics, GG init + BackSlash vs He + plain, DeepShape, .ggz coding, RF8 and other formats: one report."""
+    try:
+        cfg = PipelineConfig.preset(size, task=task, epochs=epochs, gamma=gamma, lam=lam, k_gamma=k_gamma,
+                                    k_beta=k_beta, bits=bits, seed=seed, device=device)
+        if epochs is not None and cfg.backslash_epochs > epochs:
+            cfg.backslash_epochs = epochs
+        results = run_pipeline(cfg, out, console=console)
+    except (PipelineError, ValueError, OSError) as e:
+        fail(str(e))
+    console.print(f"report: {results['report']['md']} and {results['report']['html']} "
+                  f"({results['seconds']:.0f} s)")
