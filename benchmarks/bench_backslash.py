@@ -1,0 +1,73 @@
+"""BackSlash step overhead against plain training, measured in the same run.
+
+Trains a small BERT classifier on random tokens with the real trainer, once plain and once with
+each rate callback (BackSlash pooled nu, per-tensor nu, fixed-nu L1 and L2), interleaved and
+repeated; reports the best seconds per step of each and the ratio to plain training.
+
+    python benchmarks/bench_backslash.py [--scale 1] [--steps 40] [--repeats 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+from ggprior.data import TaskData
+from ggprior.models import build_model, count_parameters
+from ggprior.train import TrainConfig, make_rate_callback, train
+
+VARIANTS = {"plain": None, "backslash": ("backslash", False), "backslash_per_tensor": ("backslash", True),
+            "l1": ("l1", False), "l2": ("l2", False)}
+
+
+def _data(n: int, seq: int, vocab: int) -> TaskData:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (n, seq), generator=g)
+    return TaskData("random", "train", "classification", {
+        "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (n,), generator=g)},
+        num_labels=2)
+
+
+def seconds_per_step(variant: str, data: TaskData, cfg: TrainConfig, scale: int, vocab: int) -> float:
+    torch.manual_seed(0)
+    model = build_model("bert", "classification", vocab_size=vocab, scale=scale)
+    spec = VARIANTS[variant]
+    cbs = [] if spec is None else [make_rate_callback(spec[0], 10.0, per_tensor=spec[1])]
+    res = train(model, data, None, cfg, cbs)
+    return res["history"][0]["seconds"] / res["steps"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = _data(args.steps * args.batch_size, args.seq, args.vocab)
+    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, device=args.device, progress=False)
+    best = {v: float("inf") for v in VARIANTS}
+    for _ in range(args.repeats):
+        for v in VARIANTS:  # interleaved so that load changes hit every variant alike
+            best[v] = min(best[v], seconds_per_step(v, data, cfg, args.scale, args.vocab))
+    params = count_parameters(build_model("bert", "classification", vocab_size=args.vocab, scale=args.scale))
+    out = {
+        "benchmark": "backslash_step_overhead", "model": f"bert scale {args.scale}", "parameters": params,
+        "steps": args.steps, "batch_size": args.batch_size, "seq": args.seq, "repeats": args.repeats,
+        "threads": args.threads, "device": args.device, "machine": platform.machine(),
+        "seconds_per_step": best,
+        "ratio_vs_plain": {v: best[v] / best["plain"] for v in VARIANTS if v != "plain"},
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
