@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -161,3 +162,20 @@ def test_resume_keeps_backslash_state(tmp_path):
     train(_model(), _task(), None, TrainConfig(epochs=1, batch_size=16, progress=False), [cb], out_dir=tmp_path,
           resume=True)
     assert len(cb.nu_last) == 2 and all(0.1 <= v <= 3.0 for v in cb.nu_last)
+
+
+def test_nu_table_matches_bisection_and_clamps():
+    from ggprior.train.backslash import nu_from_ratio
+
+    nus = np.geomspace(0.12, 2.9, 60)
+    got = nu_from_ratio(ggd.rho(nus))
+    exact = ggd.gamma_from_ratio(ggd.rho(nus), 0.1, 3.0)[0]
+    assert np.allclose(got, nus, rtol=1e-5) and np.allclose(got, exact, rtol=1e-5)
+    assert nu_from_ratio(np.array([1.0, 1e9])).tolist() == [3.0, 0.1]
+
+
+def test_zeros_stay_zero_under_a_fractional_shape():
+    x = torch.tensor([0.0, 0.5, -0.5, 0.0])
+    backslash_step_([x], lam=4.0, nu=0.5, eps=1.0)
+    expected = 0.5 - 0.5 * 1.5 ** -0.5  # lam nu / N = 0.5
+    assert x.tolist() == pytest.approx([0.0, expected, -expected, 0.0])

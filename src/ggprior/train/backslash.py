@@ -5,9 +5,11 @@ Objective J = D + lambda R(theta), with the GG rate surrogate over the N penalis
     R(theta) = (1/N) sum_i (|theta_i| + eps)^nu,
 
 nu the GG shape of the parameters re-estimated every step by the moment ratio
-rho_hat = N sum(theta^2) / (sum|theta|)^2, nu = rho^-1(rho_hat) (``ggprior.ggd.gamma_from_ratio``,
-exact bisection, clamped to ``nu_range`` = [0.1, 3.0] like the reference table over
-[0.10, 2.99]). The ratio is not centred (the rate is on |theta|), as in the reference.
+rho_hat = N sum(theta^2) / (sum|theta|)^2, nu = rho^-1(rho_hat), read from a table of
+``ggprior.ggd.rho`` over 4097 log-spaced shapes in ``nu_range`` = [0.1, 3.0] (the reference uses
+a table over [0.10, 2.99] step 0.01) with linear interpolation: relative error below 1e-5, and
+~1000x faster than bisection, which matters when it runs every step. Ratios beyond the table
+are clamped to its ends. The ratio is not centred (the rate is on |theta|), as in the reference.
 
 Two ways to apply it (``mode``):
 
@@ -39,13 +41,14 @@ Decisions (OPEN in the notes):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..ggd import gamma_from_ratio
+from ..ggd import rho
 from .loop import Callback, TrainError
 
 NU_RANGE = (0.1, 3.0)
@@ -59,6 +62,18 @@ def rate_parameters(model: nn.Module, which: str = "matrices") -> list[tuple[str
     if which not in PARAM_SETS:
         raise TrainError(f"unknown parameter set {which!r}; known: {', '.join(PARAM_SETS)}")
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and (which == "all" or p.dim() >= 2)]
+
+
+@functools.lru_cache(maxsize=8)
+def _rho_table(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    nu = np.geomspace(lo, hi, 4097)
+    return np.asarray(rho(nu), dtype=np.float64)[::-1].copy(), nu[::-1].copy()  # rho increasing
+
+
+def nu_from_ratio(ratio: np.ndarray, nu_range: tuple[float, float] = NU_RANGE) -> np.ndarray:
+    """Invert the moment ratio rho(nu) by table lookup, clamped to ``nu_range``."""
+    rhos, nus = _rho_table(float(nu_range[0]), float(nu_range[1]))
+    return np.interp(np.asarray(ratio, dtype=np.float64), rhos, nus)
 
 
 def moment_sums(tensors: Sequence[torch.Tensor]) -> np.ndarray:
@@ -85,8 +100,7 @@ def estimate_nu(tensors: Sequence[torch.Tensor], per_tensor: bool = False,
         m = m.sum(axis=0, keepdims=True)
     n, s1, s2 = m[:, 0], m[:, 1], m[:, 2]
     ratio = np.divide(n * s2, s1**2, out=np.zeros_like(s1), where=s1 > 0)
-    nu, _ = gamma_from_ratio(ratio, *nu_range)
-    nu = np.asarray(nu, dtype=np.float64)
+    nu = nu_from_ratio(ratio, nu_range)
     return np.broadcast_to(nu, (len(tensors),)).copy()
 
 
@@ -102,7 +116,10 @@ def rate(tensors: Sequence[torch.Tensor], nu: Sequence[float] | float, eps: floa
 @torch.no_grad()
 def backslash_step_(tensors: Sequence[torch.Tensor], lam: float, nu: Sequence[float] | float, eps: float = 1.0,
                     n: int | None = None) -> None:
-    """In place: x <- x - (lam nu / N) sign(x) (|x| + eps)^(nu - 1); N defaults to the total count."""
+    """In place: x <- x - (lam nu / N) sign(x) (|x| + eps)^(nu - 1); N defaults to the total count.
+
+    The power is computed as exp((nu - 1) log(|x| + eps)): about 2x faster than ``pow`` on CPU.
+    """
     nus = [float(nu)] * len(tensors) if np.isscalar(nu) else [float(v) for v in nu]
     n = n if n is not None else sum(t.numel() for t in tensors)
     for t, v in zip(tensors, nus, strict=True):
@@ -112,7 +129,7 @@ def backslash_step_(tensors: Sequence[torch.Tensor], lam: float, nu: Sequence[fl
         elif v == 2.0 and eps == 0.0:
             t.mul_(1.0 - 2.0 * lam / n)
         else:
-            t.sub_(torch.sign(t) * (t.abs() + eps).pow_(v - 1.0), alpha=c)
+            t.sub_(t.abs().add_(eps).log_().mul_(v - 1.0).exp_().mul_(t.sign()), alpha=c)
 
 
 class BackSlash(Callback):
