@@ -80,18 +80,20 @@ def _model(p: np.ndarray):
     return constriction.stream.model.Categorical(capped(p), perfect=False)
 
 
-def _encode(symbols: np.ndarray, p: np.ndarray) -> bytes:
-    if symbols.size == 0:
+def _encode(values: np.ndarray, qmin: int, p: np.ndarray) -> bytes:
+    """rANS words of ``values - qmin`` (symbol indices) followed by the sentinel, as little-endian bytes."""
+    if values.size == 0:
         return b""
-    msg = np.empty(symbols.size + 1, dtype=np.int32)
-    msg[:-1] = symbols
+    msg = np.empty(values.size + 1, dtype=np.int32)
+    np.subtract(values, qmin, out=msg[:-1], casting="unsafe")  # indices < NSYM_MAX fit int32
     msg[-1] = SENTINEL
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(msg, _model(p))
     return coder.get_compressed().astype("<u4").tobytes()
 
 
-def _decode(data: bytes | memoryview, n: int, p: np.ndarray) -> np.ndarray:
+def _decode(data: bytes | memoryview, n: int, p: np.ndarray, qmin: int) -> np.ndarray:
+    """Decode ``n`` symbol indices and return ``qmin + index`` (int64)."""
     if n == 0:
         if len(data):
             raise CodingError(f"ANS: {len(data)} bytes of data for 0 values")
@@ -108,7 +110,9 @@ def _decode(data: bytes | memoryview, n: int, p: np.ndarray) -> np.ndarray:
         raise CodingError(f"ANS: invalid stream ({e})") from e
     if out[-1] != SENTINEL or not coder.is_empty():
         raise CodingError("ANS: stream does not end where expected (damaged data)")
-    return out[:-1].astype(np.int64)
+    q = out[:-1].astype(np.int64)
+    q += qmin
+    return q
 
 
 def ideal_bits(hist: Histogram, p: np.ndarray, qmin: int) -> float:
@@ -129,7 +133,7 @@ def encode_gg(q: np.ndarray, params: GGParams) -> tuple[bytes, dict]:
     a = as_int_array(q)
     qmin, nsym = _alphabet(histogram(a))
     p = gg_probs(qmin, nsym, params)
-    return _encode(a.astype(np.int64) - qmin, p), {"qmin": qmin, "nsym": nsym}
+    return _encode(a, qmin, p), {"qmin": qmin, "nsym": nsym}
 
 
 def decode_gg(data: bytes | memoryview, n: int, params: GGParams, qmin: int, nsym: int) -> np.ndarray:
@@ -140,7 +144,7 @@ def decode_gg(data: bytes | memoryview, n: int, params: GGParams, qmin: int, nsy
             raise CodingError(f"ANS: GG parameters must be finite, got {params}")
     if params.beta <= 0 or params.gamma <= 0:
         raise CodingError(f"ANS: GG beta and gamma must be > 0, got {params}")
-    return _decode(data, n, gg_probs(qmin, nsym, params)) + qmin
+    return _decode(data, n, gg_probs(qmin, nsym, params), qmin)
 
 
 def encode_hist(q: np.ndarray) -> tuple[bytes, dict]:
@@ -156,7 +160,7 @@ def encode_hist(q: np.ndarray) -> tuple[bytes, dict]:
     dense[h.symbols - qmin] = h.counts
     k, _ = expgolomb.best_order(dense, np.ones(nsym, dtype=np.int64), signed=False)
     table = expgolomb.encode(dense, k, signed=False)
-    payload = _encode(a.astype(np.int64) - qmin, dense.astype(np.float64) if a.size else np.ones(nsym))
+    payload = _encode(a, qmin, dense.astype(np.float64) if a.size else np.ones(nsym))
     return table + payload, {"qmin": qmin, "nsym": nsym, "k": k, "table_bytes": len(table)}
 
 
@@ -170,7 +174,7 @@ def decode_hist(data: bytes | memoryview, n: int, qmin: int, nsym: int, k: int, 
     if int(counts.sum()) != n:
         raise CodingError(f"ANS: stored counts sum to {int(counts.sum())}, expected {n} values")
     p = counts.astype(np.float64) if n else np.ones(nsym)
-    return _decode(mv[table_bytes:], n, p) + qmin
+    return _decode(mv[table_bytes:], n, p, qmin)
 
 
 def _check_range(qmin: object, nsym: object) -> tuple[int, int]:

@@ -1,11 +1,14 @@
 """Bit packing shared by the prefix coders (numba kernels, MSB-first bit order).
 
 A stream is a sequence of codewords written most significant bit first; the last byte is
-padded with zero bits. Readers work on a copy of the stream followed by ``PAD`` zero bytes,
-so a 64-bit big-endian window starting up to 8 bytes past the end of the stream never reads
-outside the buffer; every
-decoder checks the bit position against the true stream length and returns an error code
-instead of reading garbage, so damaged input can never crash or hang.
+padded with zero bits. Writers keep a 64-bit accumulator and store 32 bits at a time
+(:func:`put_bits`, :func:`flush_bits`); readers refill a 64-bit accumulator 32 bits at a time
+(:func:`refill`), so at least 32 bits can be peeked after every refill, or read a 64-bit window
+at any bit position (:func:`load_window`). Readers work on a copy
+of the stream followed by ``PAD`` zero bytes, so a refill up to 8 bytes past the end of the
+stream never reads outside the buffer; every decoder checks the bit position against the
+true stream length and returns an error code instead of reading garbage, so damaged input
+can never crash or hang.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ PAD = 16
 MAX_CODE_BITS = 63
 
 U8 = np.uint64(8)
+U16 = np.uint64(16)
+U24 = np.uint64(24)
 U32 = np.uint64(32)
 U64_0 = np.uint64(0)
 MASK8 = np.uint64(0xFF)
@@ -33,6 +38,7 @@ def load_window(buf: np.ndarray, pos: int) -> np.uint64:
     """The 64 bits starting at byte ``pos >> 3`` (big-endian), shifted so bit ``pos`` is the MSB.
 
     At least 57 of the returned bits are valid; ``buf`` must hold 8 bytes from ``pos >> 3`` on.
+    (Exp-Golomb reads each codeword from one window: faster there than :func:`refill`.)
     """
     b = pos >> 3
     w = np.uint64(0)
@@ -47,70 +53,79 @@ def clz64(w: np.uint64) -> int:
     return int(leading_zeros(w))
 
 
-@njit(cache=True)
-def pack_codes(codes: np.ndarray, lengths: np.ndarray, total_bits: int) -> np.ndarray:
-    """Write ``lengths[i]`` low bits of ``codes[i]`` (uint64, lengths <= 63) MSB-first; return bytes."""
-    nbytes = (total_bits + 7) >> 3
-    out = np.zeros(nbytes + PAD, dtype=np.uint8)
-    acc = np.uint64(0)
-    nacc = 0
-    p = 0
-    for i in range(codes.shape[0]):
-        c = codes[i]
-        L = int(lengths[i])
-        if L > 32:
-            hi = L - 32
-            acc = (acc << np.uint64(hi)) | (c >> U32)
-            nacc += hi
-            while nacc >= 8:
-                nacc -= 8
-                out[p] = np.uint8((acc >> np.uint64(nacc)) & MASK8)
-                p += 1
-            c = c & MASK32
-            L = 32
-        acc = (acc << np.uint64(L)) | c
-        nacc += L
-        while nacc >= 8:
-            nacc -= 8
-            out[p] = np.uint8((acc >> np.uint64(nacc)) & MASK8)
-            p += 1
-    if nacc > 0:
-        out[p] = np.uint8((acc << np.uint64(8 - nacc)) & MASK8)
-    return out[:nbytes]
+@njit(cache=True, inline="always")
+def put_bits(out: np.ndarray, p: int, acc: np.uint64, nacc: int, code: np.uint64, length: int):
+    """Append the low ``length`` (0..32) bits of ``code`` (no higher bits set); returns (p, acc, nacc).
+
+    ``nacc`` (< 32 between calls) bits are pending in ``acc``; full 32-bit words go to ``out[p:]``.
+    """
+    acc = (acc << np.uint64(length)) | code
+    nacc += length
+    if nacc >= 32:
+        nacc -= 32
+        w = acc >> np.uint64(nacc)
+        out[p] = np.uint8((w >> U24) & MASK8)
+        out[p + 1] = np.uint8((w >> U16) & MASK8)
+        out[p + 2] = np.uint8((w >> U8) & MASK8)
+        out[p + 3] = np.uint8(w & MASK8)
+        p += 4
+    return p, acc, nacc
+
+
+@njit(cache=True, inline="always")
+def flush_bits(out: np.ndarray, p: int, acc: np.uint64, nacc: int) -> int:
+    """Write the ``nacc`` (< 32) pending bits, zero-padded to whole bytes; returns the end position."""
+    w = acc << np.uint64(32 - nacc)
+    for i in range((nacc + 7) >> 3):
+        out[p + i] = np.uint8((w >> np.uint64(24 - 8 * i)) & MASK8)
+    return p + ((nacc + 7) >> 3)
+
+
+@njit(cache=True, inline="always")
+def refill(buf: np.ndarray, p: int, acc: np.uint64, nacc: int):
+    """Make at least 32 bits available: if fewer, append the 32 bits at byte ``p``; returns (p, acc, nacc)."""
+    if nacc < 32:
+        w = ((np.uint64(buf[p]) << U24) | (np.uint64(buf[p + 1]) << U16)
+             | (np.uint64(buf[p + 2]) << U8) | np.uint64(buf[p + 3]))
+        acc = (acc << U32) | w
+        nacc += 32
+        p += 4
+    return p, acc, nacc
+
+
+@njit(cache=True, inline="always")
+def peek(acc: np.uint64, nacc: int, length: int) -> np.uint64:
+    """The next ``length`` (1..32, <= nacc) bits of a reader's accumulator."""
+    return (acc >> np.uint64(nacc - length)) & ((np.uint64(1) << np.uint64(length)) - np.uint64(1))
 
 
 @njit(cache=True)
-def pack_fixed(values: np.ndarray, width: int) -> np.ndarray:
-    """Write the low ``width`` (1..32) bits of each uint64 value MSB-first; return bytes."""
+def pack_fixed(values: np.ndarray, width: int, offset: int = 0) -> np.ndarray:
+    """Write ``values[i] - offset`` (integers, must lie in [0, 2^width)) in ``width`` (1..32) bits MSB-first."""
     n = values.shape[0]
-    total = n * width
-    nbytes = (total + 7) >> 3
+    nbytes = (n * width + 7) >> 3
     out = np.zeros(nbytes + PAD, dtype=np.uint8)
     acc = np.uint64(0)
     nacc = 0
     p = 0
-    uw = np.uint64(width)
     for i in range(n):
-        acc = (acc << uw) | values[i]
-        nacc += width
-        while nacc >= 8:
-            nacc -= 8
-            out[p] = np.uint8((acc >> np.uint64(nacc)) & MASK8)
-            p += 1
-    if nacc > 0:
-        out[p] = np.uint8((acc << np.uint64(8 - nacc)) & MASK8)
+        p, acc, nacc = put_bits(out, p, acc, nacc, np.uint64(np.int64(values[i]) - offset), width)
+    flush_bits(out, p, acc, nacc)
     return out[:nbytes]
 
 
 @njit(cache=True)
-def unpack_fixed(buf: np.ndarray, nbits: int, n: int, width: int) -> np.ndarray:
-    """Read ``n`` values of ``width`` (1..32) bits from a padded buffer holding ``nbits`` valid bits."""
-    out = np.empty(n, dtype=np.uint64)
-    shift = np.uint64(64 - width)
-    pos = 0
+def unpack_fixed(buf: np.ndarray, n: int, width: int, offset: int = 0) -> np.ndarray:
+    """Read ``n`` values of ``width`` (1..32) bits from a padded buffer holding at least ``n * width`` bits;
+    returns int64 values plus ``offset``."""
+    out = np.empty(n, dtype=np.int64)
+    acc = np.uint64(0)
+    nacc = 0
+    p = 0
     for i in range(n):
-        out[i] = load_window(buf, pos) >> shift
-        pos += width
+        p, acc, nacc = refill(buf, p, acc, nacc)
+        out[i] = np.int64(peek(acc, nacc, width)) + offset
+        nacc -= width
     return out
 
 
@@ -120,14 +135,3 @@ def padded(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     buf = np.zeros(src.size + PAD, dtype=np.uint8)
     buf[: src.size] = src
     return buf
-
-
-def as_uint64(values: np.ndarray, what: str) -> np.ndarray:
-    """Validate non-negative integer input and return it as a contiguous uint64 array."""
-    a = np.asarray(values)
-    if a.dtype.kind not in "iu":
-        raise CodingError(f"{what}: expected integers, got dtype {a.dtype}")
-    a = a.reshape(-1)
-    if a.dtype.kind == "i" and a.size and int(a.min()) < 0:
-        raise CodingError(f"{what}: expected non-negative integers, got {int(a.min())}")
-    return np.ascontiguousarray(a, dtype=np.uint64)

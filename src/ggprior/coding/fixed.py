@@ -31,8 +31,7 @@ def encode(q: np.ndarray, width: int | None = None) -> tuple[bytes, dict]:
     width = need if width is None else int(width)
     if not need <= width <= WIDTH_MAX:
         raise CodingError(f"FL: width {width} cannot hold the range [{qmin}, {qmax}] (needs {need}..{WIDTH_MAX})")
-    off = (a.astype(np.int64) - qmin).astype(np.uint64)
-    return pack_fixed(off, width).tobytes(), {"qmin": qmin, "width": width}
+    return pack_fixed(np.ascontiguousarray(a), width, qmin).tobytes(), {"qmin": qmin, "width": width}
 
 
 def decode(data: bytes | bytearray | memoryview, n: int, qmin: int, width: int) -> np.ndarray:
@@ -46,5 +45,4 @@ def decode(data: bytes | bytearray | memoryview, n: int, qmin: int, width: int) 
     need = (n * int(width) + 7) >> 3
     if len(data) != need:
         raise CodingError(f"FL: {n} values of {width} bits need {need} bytes, stream has {len(data)}")
-    off = unpack_fixed(padded(data), 8 * len(data), int(n), int(width))
-    return off.astype(np.int64) + int(qmin)
+    return unpack_fixed(padded(data), int(n), int(width), int(qmin))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .bits import PAD, CodingError, load_window, pack_fixed, padded, unpack_fixed
+from .bits import PAD, CodingError, flush_bits, pack_fixed, padded, peek, put_bits, refill, unpack_fixed
 from .histogram import Histogram, as_int_array, histogram
 
 MAX_LEN = 30
@@ -148,15 +148,8 @@ def _encode(x: np.ndarray, qmin: int, codes: np.ndarray, lens: np.ndarray, total
     p = 0
     for i in range(x.shape[0]):
         s = np.int64(x[i]) - qmin
-        L = lens[s]
-        acc = (acc << np.uint64(L)) | codes[s]
-        nacc += L
-        while nacc >= 8:
-            nacc -= 8
-            out[p] = np.uint8((acc >> np.uint64(nacc)) & np.uint64(0xFF))
-            p += 1
-    if nacc > 0:
-        out[p] = np.uint8((acc << np.uint64(8 - nacc)) & np.uint64(0xFF))
+        p, acc, nacc = put_bits(out, p, acc, nacc, codes[s], lens[s])
+    flush_bits(out, p, acc, nacc)
     return out[:nbytes]
 
 
@@ -165,28 +158,31 @@ def _decode(
     buf: np.ndarray, nbits: int, n: int, qmin: int, tab_sym: np.ndarray, tab_len: np.ndarray, tbits: int,
     first: np.ndarray, count: np.ndarray, offset: np.ndarray, sorted_sym: np.ndarray, max_len: int,
 ) -> tuple[np.ndarray, int, int]:
+    """Decode n values; returns (values, status, bit position). status 0 ok, 1 truncated, 2 bad code."""
     out = np.empty(n, dtype=np.int64)
-    tshift = np.uint64(64 - tbits)
+    acc = np.uint64(0)
+    nacc = 0
+    p = 0
     pos = 0
     for i in range(n):
         if pos >= nbits:
             return out, 1, pos
-        w = load_window(buf, pos)
-        idx = w >> tshift
+        p, acc, nacc = refill(buf, p, acc, nacc)
+        idx = peek(acc, nacc, tbits)
         L = np.int64(tab_len[idx])
         if L > 0:
             s = np.int64(tab_sym[idx])
         else:
             s = -1
             for l in range(tbits + 1, max_len + 1):
-                c = np.int64(w >> np.uint64(64 - l))
-                d = c - first[l]
+                d = np.int64(peek(acc, nacc, l)) - first[l]
                 if d >= 0 and d < count[l]:
                     s = np.int64(sorted_sym[offset[l] + d])
                     L = l
                     break
             if s < 0:
                 return out, 2, pos
+        nacc -= L
         pos += L
         if pos > nbits:
             return out, 1, pos
@@ -250,7 +246,7 @@ def decode(data: bytes | bytearray | memoryview, n: int, qmin: int, nsym: int) -
     tbytes = (nsym * LEN_BITS + 7) >> 3
     if len(data) < tbytes:
         raise CodingError(f"Huffman: stream of {len(data)} bytes is shorter than its {tbytes}-byte length table")
-    lens = unpack_fixed(padded(bytes(data[:tbytes])), 8 * tbytes, nsym, LEN_BITS).astype(np.int64)
+    lens = unpack_fixed(padded(bytes(data[:tbytes])), nsym, LEN_BITS)
     if int(lens.max()) > MAX_LEN:
         raise CodingError(f"Huffman: code length {int(lens.max())} exceeds {MAX_LEN}")
     if not kraft_ok(lens):
