@@ -121,7 +121,7 @@ def pm(row: dict, m: str, digits: int = 3) -> str:
     v, s = row.get(m), row.get(f"{m}_std")
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    return f"{v:.{digits}f} ± {s:.{digits}f}" if s else f"{v:.{digits}f}"
+    return f"{v:.{digits}f} ± {s:.{digits}f}" if row.get("n", 1) > 1 and s is not None else f"{v:.{digits}f}"
 
 
 def markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:

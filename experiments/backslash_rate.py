@@ -54,21 +54,26 @@ def main() -> None:
     m = meta(seeds, started, size={k: v for k, v in size.items()}, quant_step=QUANT_STEP, model="bert scale 1",
              init="he")
     write_outputs(args.out, "backslash_rate", rows, agg, m)
-    for task in size["tasks"]:
+    render(args.out, agg, size["tasks"], len(seeds))
+    print(f"wall {m['wall_seconds']} s; command: {m['command']}")
+
+
+def render(out, agg: list[dict], tasks, n_seeds: int) -> None:
+    """Plots and the Markdown table from the aggregated rows."""
+    for task in tasks:
         series = {}
         for rate in ("none", "backslash", "l1", "l2"):
             pts = sorted((r["bpw_eg"], r["test"]) for r in agg if r["task"] == task and r["rate"] == rate)
             if pts:
                 series[rate if rate != "none" else "conventional"] = ([p[0] for p in pts], [p[1] for p in pts])
-        plot_curves(series, args.out / f"rate_accuracy_{task}.png", xlabel="bits/weight (EG, step 2^-8)",
-                    ylabel="test accuracy", title=f"{task}: BERT scale 1, {len(seeds)} seed(s), mean")
+        plot_curves(series, out / f"rate_accuracy_{task}.png", xlabel="bits/weight (EG, step 2^-8)",
+                    ylabel="test accuracy", title=f"{task}: BERT scale 1, {n_seeds} seed(s), mean")
     header = ["task", "rate", "lambda", "test acc", "quantized acc", "bits/w EG", "bits/w HM", "CR(EG)", "CR(HM)",
               "mean nu"]
     lines = [[r["task"], r["rate"], f"{r['lam']:g}", pm(r, "test"), pm(r, "test_quantized"), pm(r, "bpw_eg", 2),
               pm(r, "bpw_huffman", 2), pm(r, "cr_eg", 2), pm(r, "cr_huffman", 2), pm(r, "nu_mean", 2)] for r in agg]
-    write_text(args.out / "backslash_rate_table.md", markdown_table(header, lines))
+    write_text(out / "backslash_rate_table.md", markdown_table(header, lines))
     print(markdown_table(header, lines))
-    print(f"wall {m['wall_seconds']} s; command: {m['command']}")
 
 
 if __name__ == "__main__":

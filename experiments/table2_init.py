@@ -53,19 +53,24 @@ def main() -> None:
     agg = aggregate(rows, ["gamma", "training"], METRICS)
     m = meta(seeds, started, size=size, quant_step=QUANT_STEP, model="bert scale 1", task="sentiment")
     write_outputs(args.out, "table2", rows, agg, m)
+    render(args.out, agg, len(seeds))
+    print(f"wall {m['wall_seconds']} s; command: {m['command']}")
+
+
+def render(out, agg: list[dict], n_seeds: int) -> None:
+    """Plots and the Markdown table from the aggregated rows."""
     header = ["init gamma", "training", "test acc", "quantized acc", "CR(EG)", "CR(HM)", "size FL (KB)",
               "size EG (KB)", "bits/w EG", "mean nu"]
     lines = [[f"{r['gamma']:g}", r["training"], pm(r, "test"), pm(r, "test_quantized"), pm(r, "cr_eg", 2),
               pm(r, "cr_huffman", 2), pm(r, "kb_fl", 1), pm(r, "kb_eg", 1), pm(r, "bpw_eg", 2), pm(r, "nu_mean", 2)]
              for r in agg]
-    write_text(args.out / "table2.md", markdown_table(header, lines))
+    write_text(out / "table2.md", markdown_table(header, lines))
     for key, ylabel in (("test", "test accuracy"), ("cr_eg", "CR(EG) vs FL")):
         series = {t: ([r["gamma"] for r in agg if r["training"] == t], [r[key] for r in agg if r["training"] == t])
                   for t in ("conventional", "backslash")}
-        plot_curves(series, args.out / f"table2_{key}.png", xlabel="init gamma", ylabel=ylabel, logx=True,
-                    title=f"BERT on sentiment, {len(seeds)} seed(s), mean")
+        plot_curves(series, out / f"table2_{key}.png", xlabel="init gamma", ylabel=ylabel, logx=True,
+                    title=f"BERT on sentiment, {n_seeds} seed(s), mean")
     print(markdown_table(header, lines))
-    print(f"wall {m['wall_seconds']} s; command: {m['command']}")
 
 
 if __name__ == "__main__":

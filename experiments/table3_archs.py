@@ -62,15 +62,20 @@ def main() -> None:
     agg = aggregate(rows, ["model", "task", "init_label", "metric"], METRICS)
     m = meta(seeds, started, size=size, quant_step=QUANT_STEP, scale=1)
     write_outputs(args.out, "table3", rows, agg, m)
+    render(args.out, agg, len(seeds))
+    print(f"wall {m['wall_seconds']} s; command: {m['command']}")
+
+
+def render(out, agg: list[dict], n_seeds: int) -> None:
+    """The plot and the Markdown table from the aggregated rows."""
     header = ["model", "task", "init", "metric", "test", "quantized", "CR(EG)", "CR(HM)", "size FL (KB)",
               "size EG (KB)", "bits/w EG"]
     lines = [[r["model"], r["task"], r["init_label"], r["metric"], pm(r, "test"), pm(r, "test_quantized"),
               pm(r, "cr_eg", 2), pm(r, "cr_huffman", 2), pm(r, "kb_fl", 1), pm(r, "kb_eg", 1), pm(r, "bpw_eg", 2)]
              for r in agg]
-    write_text(args.out / "table3.md", markdown_table(header, lines))
-    _plot(agg, args.out / "table3_cr_eg.png", len(seeds))
+    write_text(out / "table3.md", markdown_table(header, lines))
+    _plot(agg, out / "table3_cr_eg.png", n_seeds)
     print(markdown_table(header, lines))
-    print(f"wall {m['wall_seconds']} s; command: {m['command']}")
 
 
 if __name__ == "__main__":
