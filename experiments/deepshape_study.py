@@ -84,7 +84,7 @@ SIZES = {
                             ft_lr=1e-4, batch_size=32),
     ("minilm", "quick"): Size(max_len=24, max_train=32, max_ft=16, max_test=32, base_epochs=1, base_lr=5e-5,
                               ft_lr=2e-5, batch_size=16),
-    ("minilm", "full"): Size(max_len=32, max_train=480, max_ft=240, max_test=200, base_epochs=1, base_lr=1e-4,
+    ("minilm", "full"): Size(max_len=32, max_train=320, max_ft=160, max_test=160, base_epochs=1, base_lr=1e-4,
                              ft_lr=2e-5, batch_size=16),
 }
 
