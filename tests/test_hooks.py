@@ -107,7 +107,11 @@ def test_collector_errors():
 def test_activation_statistics_skip_padding_and_clean_up():
     model = _model()
     data = _batches()
-    rows = _rows(hooks.activation_statistics(model.train(), lambda: data, progress=False))
+    samples = {}
+    rows = _rows(hooks.activation_statistics(model.train(), lambda: data, progress=False, max_samples=100,
+                                             samples=samples))
+    assert set(samples) == {n for n in rows if n.startswith(("__", "group:"))}
+    assert 0 < samples["__activations__"].numel() <= 100
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
     assert rows["layer.0"]["group"] == hooks.BLOCK_GROUP
     assert rows["layer.0"]["numel"] == rows["layer.1.fc"]["numel"] == tokens * DIM

@@ -178,12 +178,13 @@ class StatsCollector:
                     ref = ggd.refine_mle(values, fit, name=name)
                     row.update(gamma_mle=ref.gamma, beta_mle=ref.beta,
                                loglik_gg_mle=ggd.mean_loglik(values, ref.mu, ref.beta, ref.gamma))
-                row["best_law"] = _best(row)
+                row["best_law"] = best_law(row)
             out.append(row)
         return out
 
 
-def _best(row: dict) -> str:
+def best_law(row: dict) -> str:
+    """The law (gg, gauss, laplace) of highest mean log-likelihood in a row with goodness-of-fit fields."""
     lls = {"gg": max(row["loglik_gg"], row.get("loglik_gg_mle", -math.inf)),
            "gauss": row["loglik_gauss"], "laplace": row["loglik_laplace"]}
     return max(lls, key=lls.get)
@@ -254,12 +255,19 @@ def _run_passes(model: nn.Module, batches: Batches, collector: StatsCollector, s
     collector.mask = None
 
 
+def _pool_samples(collector: StatsCollector, samples: dict[str, torch.Tensor] | None) -> None:
+    if samples is not None:
+        samples.update({k: collector.samples(k) for k in collector.keys if k.startswith(("__", "group:"))})
+
+
 def activation_statistics(model: nn.Module, batches: Batches, *, max_samples: int = 1 << 16, seed: int = 0,
-                          mle: bool = False, progress: bool = True) -> list[dict]:
+                          mle: bool = False, progress: bool = True,
+                          samples: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """GG rows of every activation of ``model`` over ``batches()`` (eval mode, no gradients).
 
     ``batches`` is a zero-argument callable returning a fresh iterable of model-input dicts
-    (called twice). The model's train/eval mode is restored afterwards.
+    (called twice). The model's train/eval mode is restored afterwards. ``samples``, if given,
+    receives the goodness-of-fit sample of every pooled row (kind and group pools).
     """
     collector = StatsCollector(max_samples, seed)
     handles = attach_activation_hooks(model, collector)
@@ -271,16 +279,18 @@ def activation_statistics(model: nn.Module, batches: Batches, *, max_samples: in
     finally:
         _remove(handles)
         model.train(was_training)
+    _pool_samples(collector, samples)
     return collector.rows(mle=mle)
 
 
 def gradient_statistics(model: nn.Module, batches: Batches, *, max_samples: int = 1 << 16, seed: int = 0,
-                        mle: bool = False, progress: bool = True) -> list[dict]:
+                        mle: bool = False, progress: bool = True,
+                        samples: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """GG rows of every parameter's per-batch gradient over ``batches()`` (train mode, no update).
 
     Each batch's loss (``model(**batch).loss``) is back-propagated from zeroed gradients; the
     parameters are not changed and gradients are cleared afterwards. Both passes run under
-    the same random state, so dropout masks repeat.
+    the same random state, so dropout masks repeat. ``samples`` as in :func:`activation_statistics`.
     """
     collector = StatsCollector(max_samples, seed)
     handles = attach_gradient_hooks(model, collector)
@@ -300,6 +310,7 @@ def gradient_statistics(model: nn.Module, batches: Batches, *, max_samples: int 
         _remove(handles)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    _pool_samples(collector, samples)
     return collector.rows(mle=mle)
 
 

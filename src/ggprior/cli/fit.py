@@ -28,8 +28,18 @@ def fit_cmd(
     plots: int = typer.Option(4, "--plots", help="plot the pooled rows and this many largest tensors"),
     gof_values: int = typer.Option(1 << 20, "--gof-values", help="values used for goodness of fit per row"),
     seed: int = typer.Option(0, "--seed"),
+    activations: bool = typer.Option(False, "--activations", help="fit every layer's activations on --task"),
+    gradients: bool = typer.Option(False, "--gradients", help="fit every parameter's gradient on --task"),
+    task: str = typer.Option("sentiment", "--task", help="task whose batches feed --activations/--gradients"),
+    examples: int = typer.Option(64, "--examples", help="training examples fed for --activations/--gradients"),
+    batch_size: int = typer.Option(16, "--batch-size", help="batch size for --activations/--gradients"),
 ) -> None:
-    """Fit a GG to every floating tensor, each layer group and the whole model."""
+    """Fit a GG to every floating tensor, each layer group and the whole model (or its activations/gradients)."""
+    if activations or gradients:
+        from .v4 import fit_runtime
+
+        kinds = [k for k, on in (("activations", activations), ("gradients", gradients)) if on]
+        return fit_runtime(source, kinds, task, examples, batch_size, out, seed)
     try:
         src = open_source(source)
         samples: dict[str, torch.Tensor] = {}

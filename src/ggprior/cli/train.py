@@ -8,11 +8,14 @@ import typer
 from rich.table import Table
 
 from ..data import DataError
+from ..distributed import from_env
+from ..distributed.train import DPConfig
 from ..models import INIT_SCHEMES, ModelError
 from ..train.backslash import RATES
 from ..train.loop import TrainConfig, TrainError
 from ..train.run import CODERS, QUANT_STEP, RunConfig, run
 from .app import app, console, fail
+from .v4 import run_data_parallel
 
 
 @app.command("train")
@@ -38,8 +41,18 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     out: Path = typer.Option(Path("runs/train"), "--out", help="output folder"),
+    workers: int = typer.Option(1, "--workers", help="data-parallel worker processes (torch.distributed)"),
+    comm: str = typer.Option("gct", "--comm", help="with --workers: allreduce, fp16, powersgd or gct"),
 ) -> None:
     """Train, then write metrics.json (each epoch), model.safetensors and compression figures."""
+    if workers > 1 or from_env() is not None:
+        if rate != "none" or resume:
+            fail("--workers trains with --comm's gradient communication; --rate and --resume are single-process")
+        dp = DPConfig(method=comm, task=task, model=model, init=init, gamma=gamma, scale=scale, max_len=max_len,
+                      max_train=max_train, max_eval=max_eval, train=TrainConfig(
+                          epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, progress=False))
+        run_data_parallel(dp, workers, out)
+        return
     cfg = RunConfig(
         task=task, model=model, init=init, gamma=gamma, rate=rate, lam=lam, rate_epochs=rate_epochs,
         per_tensor=per_tensor, scale=scale, max_len=max_len, max_train=max_train, max_eval=max_eval, step=step,

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import TaskData, get_tokenizer, load_task, task_kind
-from ..models import build_model, count_parameters
+from ..models import build_model, count_parameters, initialize_
 from ..train.loop import TrainConfig, train
 from .hook import GCTConfig, GCTError
 from .launch import METHODS, from_env, init_worker, launch, wrap_ddp
@@ -28,7 +28,10 @@ from .launch import METHODS, from_env, init_worker, launch, wrap_ddp
 
 @dataclass
 class DPConfig:
-    """One data-parallel run: task, model, method and trainer settings (``train.batch_size`` per worker)."""
+    """One data-parallel run: task, model, method and trainer settings (``train.batch_size`` per worker).
+
+    ``init`` "default" keeps transformers' init; else :func:`ggprior.models.initialize_` (``gamma`` for gg).
+    """
 
     method: str = "gct"
     task: str = "sentiment"
@@ -38,6 +41,8 @@ class DPConfig:
     vocab_size: int = 4096
     max_train: int | None = None
     max_eval: int | None = None
+    init: str = "default"
+    gamma: float = 2.0
     gct: GCTConfig = field(default_factory=GCTConfig)
     powersgd_rank: int = 2
     powersgd_start: int = 10
@@ -93,6 +98,8 @@ def worker(rank: int, workers: int, cfg_dict: dict) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, kind, vocab_size=tok.vocab_size, num_labels=max(train_data.num_labels, 2),
                         max_positions=cfg.max_len, pad_id=tok.pad_id, scale=cfg.scale)
+    if cfg.init != "default" and cfg.model != "minilm":
+        initialize_(model, cfg.init, cfg.gamma, generator=torch.Generator().manual_seed(cfg.train.seed))
     device = torch.device(cfg.train.device)
     ddp, stats = wrap_ddp(model, cfg.method, device, gct=cfg.gct, powersgd_rank=cfg.powersgd_rank,
                           powersgd_start=cfg.powersgd_start)

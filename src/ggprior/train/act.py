@@ -156,15 +156,15 @@ def activation_bits(model: nn.Module, data: TaskData, step: float = STEP, batch_
 
     Returns ``bits_per_token`` (all block outputs of a token together, coded with ``coder`` per
     block), ``entropy_bits_per_token`` (the empirical entropy), ``fp32_bits_per_token``,
-    ``zero_frac`` (values quantized to 0), ``near_zero_frac`` (|a| < step / 2 before quantization,
-    the same thing) and per-block rows.
+    ``zero_frac`` (values quantized to 0, i.e. |a| <= step / 2), ``rms`` of the activations (a
+    smaller scale alone also lowers the bits at a fixed step) and per-block rows.
     """
     step = check_step(step, "activation step")
     was = model.training
     model.eval()
     device = _device_of(model)
     per_block: dict[int, list[np.ndarray]] = {}
-    tokens = 0
+    tokens, sq = 0, 0.0
     try:
         with _block_outputs(model) as (_, seen):
             for batch in batches(data, batch_size):
@@ -173,6 +173,7 @@ def activation_bits(model: nn.Module, data: TaskData, step: float = STEP, batch_
                 model(**batch)
                 tokens += int(batch["attention_mask"].sum())
                 for i, t in seen:
+                    sq += float(t.double().square().sum())
                     q = torch.round(t.float() / step).to(torch.int64)
                     per_block.setdefault(i, []).append(q.reshape(-1).cpu().numpy())
     finally:
@@ -193,7 +194,8 @@ def activation_bits(model: nn.Module, data: TaskData, step: float = STEP, batch_
         zeros += z
     return {"step": step, "coder": coder, "tokens": tokens, "blocks": len(rows),
             "bits_per_token": coded / tokens, "entropy_bits_per_token": entropy / tokens,
-            "fp32_bits_per_token": 32.0 * values / tokens, "zero_frac": zeros / values, "per_block": rows}
+            "fp32_bits_per_token": 32.0 * values / tokens, "zero_frac": zeros / values,
+            "rms": (sq / values) ** 0.5, "per_block": rows}
 
 
 @torch.no_grad()
