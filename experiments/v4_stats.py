@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,14 +29,14 @@ from ggprior.stats import LINEAR_ROW, fit_model
 
 SIZES = {"quick": dict(examples=16, batch=8, max_samples=1 << 12), "full": dict(examples=128, batch=16,
                                                                                   max_samples=1 << 15)}
-COLUMNS = ["kind", "name", "numel", "mu", "beta", "gamma", "gamma_mle", "loglik_gg", "loglik_gg_mle",
+COLUMNS = ["kind", "name", "numel", "mu", "beta", "gamma", "mu_mle", "beta_mle", "gamma_mle", "loglik_gg", "loglik_gg_mle",
            "loglik_gauss", "loglik_laplace", "ks_gg", "ks_gauss", "ks_laplace", "best_law"]
 POOLS = {"weights": LINEAR_ROW, "activations": "__activations__", "gradients": "__gradients__"}
 
 
 def _fit(row: dict) -> ggd.GGFit:
     if "gamma_mle" in row:
-        return ggd.GGFit(mu=row["mu"], beta=row["beta_mle"], gamma=row["gamma_mle"], n=row["numel"], std=row["std"],
+        return ggd.GGFit(mu=row["mu_mle"], beta=row["beta_mle"], gamma=row["gamma_mle"], n=row["numel"], std=row["std"],
                          ratio=float("nan"), at_bound=False, method="mle")
     return ggd.GGFit(mu=row["mu"], beta=row["beta"], gamma=row["gamma"], n=row["numel"], std=row["std"],
                      ratio=float("nan"), at_bound=row["gamma_at_bound"], method="moment")
@@ -66,8 +67,11 @@ def main() -> None:
         if "loglik_gg" in r:
             r["best_law"] = hooks.best_law(r)
         if r["name"] == LINEAR_ROW and "gamma" in r:
-            ref = ggd.refine_mle(samples["weights"][LINEAR_ROW], _fit(r))
-            r.update(gamma_mle=ref.gamma, beta_mle=ref.beta)
+            values = samples["weights"][LINEAR_ROW]
+            ref = ggd.refine_mle(values, replace(_fit(r), n=values.numel()))
+            r.update(mu_mle=ref.mu, gamma_mle=ref.gamma, beta_mle=ref.beta,
+                     loglik_gg_mle=ggd.mean_loglik(values, ref.mu, ref.beta, ref.gamma))
+            r["best_law"] = hooks.best_law(r)
     act_rows = hooks.activation_statistics(model, feed, max_samples=s["max_samples"], seed=args.seed, mle=True,
                                            progress=True, samples=samples["activations"])
     grad_rows = hooks.gradient_statistics(model, feed, max_samples=s["max_samples"], seed=args.seed, mle=True,

@@ -86,6 +86,20 @@ def test_collector_matches_a_direct_fit():
     assert {"loglik_gg", "best_law"} <= set(r)
 
 
+def test_mle_refit_recovers_a_heavy_tailed_shape():
+    g = torch.Generator().manual_seed(2)
+    x = ggd.sample((40000,), 0.0, 0.01, 0.3, generator=g)
+    col = hooks.StatsCollector(max_samples=20000, seed=0)
+    for p in (1, 2):
+        if p == 2:
+            col.next_pass()
+        for c in x.split(10000):
+            col.add("g", c, "mlp", "gradients")
+    r = _rows(col.rows(mle=True))["g"]
+    assert r["gamma_mle"] == pytest.approx(0.3, rel=0.1)
+    assert r["loglik_gg_mle"] > max(r["loglik_gauss"], r["loglik_laplace"]) and r["best_law"] == "gg"
+
+
 def test_collector_errors():
     with pytest.raises(hooks.HookError, match="max_samples"):
         hooks.StatsCollector(max_samples=-1)

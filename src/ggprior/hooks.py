@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -154,8 +154,8 @@ class StatsCollector:
     def rows(self, *, gof: bool = True, mle: bool = False) -> list[dict]:
         """One row per key: pools first, then keys in the order first seen.
 
-        ``mle`` adds a maximum-likelihood refit on the sample (``gamma_mle``, ``beta_mle``,
-        ``loglik_gg_mle``): the moment estimate is poor for heavy tails (gamma < 0.5).
+        ``mle`` adds a maximum-likelihood refit on the sample (``mu_mle`` (the median), ``gamma_mle``,
+        ``beta_mle``, ``loglik_gg_mle``): the moment estimate is poor for heavy tails (gamma < 0.5).
         """
         if self.pass_index != 2:
             raise HookError("rows() needs both passes (call next_pass() and replay the data)")
@@ -174,9 +174,9 @@ class StatsCollector:
             values = self.samples(name)
             if gof and values.numel() > 1 and float(values.std()) > 0:
                 row.update(ggd.goodness_of_fit(values, fit).to_dict())
-                if mle:
-                    ref = ggd.refine_mle(values, fit, name=name)
-                    row.update(gamma_mle=ref.gamma, beta_mle=ref.beta,
+                if mle:  # refined on the sample, so the count must be the sample's
+                    ref = ggd.refine_mle(values, replace(fit, n=values.numel()), name=name)
+                    row.update(mu_mle=ref.mu, gamma_mle=ref.gamma, beta_mle=ref.beta,
                                loglik_gg_mle=ggd.mean_loglik(values, ref.mu, ref.beta, ref.gamma))
                 row["best_law"] = best_law(row)
             out.append(row)
