@@ -3,6 +3,7 @@
     python experiments/deepshape_study.py table4 [--quick] [--seeds N] [--jobs J] [--out DIR]
     python experiments/deepshape_study.py table5 ...
     python experiments/deepshape_study.py table6 ...
+    python experiments/deepshape_study.py figure1 [--out DIR]
 
 - table4: K_beta sweep (K_gamma = 1) and K_gamma sweep (K_beta = 1), plus the paper's
   (1.1, 0.7), on a small BERT trained from scratch on sentiment: fitted gamma/beta after
@@ -10,7 +11,8 @@
   one-epoch fine-tune. Also the accuracy-against-CR plot.
 - table5: all-MiniLM-L6-v2 fine-tuned briefly on sentiment, spam and topic; DeepShape
   (1.1, 0.7) once (reshape, then reshape + fine-tune) and iterated (a second round).
-  Also the distribution before/after plot (the paper's Figure 1).
+- figure1: the distribution of the largest pretrained MiniLM matrix before/after DeepShape
+  (the paper's Figure 1), one and two rounds, no fine-tune.
 - table6: small BERT, GPT-2 and LLaMA classifiers trained from scratch on sentiment, the same
   DeepShape variants as table5.
 
@@ -197,17 +199,14 @@ def job_table4(seed: int, size_name: str) -> list[dict]:
     return rows
 
 
-def job_table5(arch: str, task: str, seed: int, size_name: str, dist_plot: Path | None = None) -> list[dict]:
+def job_table5(arch: str, task: str, seed: int, size_name: str) -> list[dict]:
     size = SIZES[("minilm" if arch == "minilm" else "small", size_name)]
     t0 = time.perf_counter()
     model, ft_d, test_d, secs = base_model(arch, task, seed, size)
     names = select_names(open_source(weights(model)), SELECT)
     tags = {"arch": arch, "task": task, "seed": seed, "parameters": count_parameters(model)}
-    before = {k: v.clone() for k, v in weights(model).items()} if dist_plot is not None else None
     rows = [point(model, names, test_d, **tags, stage="base", k_gamma=1.0, k_beta=1.0, round=0)]
     rows += reshape_rows(model, names, ft_d, test_d, *PAPER_K, size, 2, **tags)
-    if dist_plot is not None:
-        plot_distribution(before, weights(model), names, dist_plot, f"{arch} on {task}, seed {seed}")
     for r in rows:
         r["job_seconds"] = time.perf_counter() - t0
     return rows
@@ -223,7 +222,7 @@ def _run(job) -> list[dict]:
 
 
 def plot_distribution(before: dict, after: dict, names: list[str], path: Path, title: str) -> None:
-    """The paper's Figure 1: one weight matrix before and after DeepShape + fine-tuning, with GG fits."""
+    """The paper's Figure 1: the largest non-embedding matrix before and after DeepShape, with GG fits."""
     name = max((k for k in names if "embed" not in k), key=lambda k: before[k].numel())
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, log in zip(axes, (False, True), strict=True):
@@ -240,9 +239,24 @@ def plot_distribution(before: dict, after: dict, names: list[str], path: Path, t
         ax.set_ylabel("log density" if log else "density")
         if log:
             ax.set_yscale("log")
+            ax.set_ylim(bottom=0.5 / (before[name].numel() * (hi - lo) / 160))
         ax.legend(fontsize=8)
-    fig.suptitle(f"{name} ({title}): K_gamma={PAPER_K[0]}, K_beta={PAPER_K[1]}, 2 rounds")
+    fig.suptitle(f"{name} ({title}): K_gamma={PAPER_K[0]}, K_beta={PAPER_K[1]}")
     save_figure(fig, path)
+
+
+def figure1(out: Path) -> None:
+    """The largest pretrained MiniLM weight matrix before and after DeepShape (1.1, 0.7), 1 and 2 rounds, no fine-tune."""
+    from ggprior.deepshape import reshape_values
+
+    src = open_source("minilm")
+    names = [k for k in select_names(src, SELECT) if "embed" not in k]
+    name = max(names, key=src.numel)
+    before = {name: src[name]}
+    once = {name: reshape_values(before[name], *PAPER_K, name=name)[0]}
+    twice = {name: reshape_values(once[name], *PAPER_K, name=name)[0]}
+    plot_distribution(before, once, [name], out / "figure1_minilm_1round.png", "pretrained MiniLM, 1 round")
+    plot_distribution(before, twice, [name], out / "figure1_minilm_2rounds.png", "pretrained MiniLM, 2 rounds")
 
 
 METRICS = ("gamma", "beta", "gamma_target", "beta_target", "bpw_eg", "bpw_hm", "cr_eg", "cr_hm", "accuracy",
@@ -328,7 +342,7 @@ def write_results(out: Path, name: str, rows: list[dict], agg: list[dict], lines
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("table", choices=("table4", "table5", "table6"))
+    ap.add_argument("table", choices=("table4", "table5", "table6", "figure1"))
     ap.add_argument("--quick", action="store_true", help="tiny smoke-test size")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default: 1 quick; table4/6 3, table5 2 full)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
@@ -340,12 +354,16 @@ def main() -> None:
     started = time.time()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.table == "figure1":
+        torch.set_num_threads(1)
+        figure1(out)
+        print(f"wrote {out}/figure1_minilm_*.png: {command_line()}")
+        return
     if args.table == "table4":
         jobs = [(job_table4, (s, size)) for s in seeds]
         by, lead = ("stage", "k_gamma", "k_beta"), ("stage", "k_gamma", "k_beta")
     elif args.table == "table5":
-        jobs = [(job_table5, ("minilm", t, s, size, out / f"figure1_minilm_{t}.png" if s == 0 else None))
-                for t in ("sentiment", "spam", "topic") for s in seeds]
+        jobs = [(job_table5, ("minilm", t, s, size)) for t in ("sentiment", "spam", "topic") for s in seeds]
         by, lead = ("task", "round", "stage"), ("task", "round", "stage")
     else:
         jobs = [(job_table5, (a, "sentiment", s, size)) for a in ("bert", "gpt2", "llama") for s in seeds]
