@@ -1,6 +1,6 @@
 """Uniform scalar quantization of weights, and the integer maps the entropy coders use.
 
-    q = round(w / step)   (round half to even, per tensor, one float32 step)
+    q = round(w / step)   (round half to even, division in float64, per tensor, one float32 step)
     w_hat = q * step
 
 Steps are rounded to float32 before use, so the step stored in a file (32 bits of side
