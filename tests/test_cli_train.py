@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +119,17 @@ def test_run_config_validation():
         RunConfig(step=0.0).validate()
     with pytest.raises(ValueError, match="epochs"):
         RunConfig(train=TrainConfig(epochs=0)).validate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, stem", [("table2_init", "table2"), ("table3_archs", "table3"),
+                                          ("backslash_rate", "backslash_rate")])
+def test_study_quick_size_runs(tmp_path, script, stem):
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "experiments" / f"{script}.py"), "--quick", "--jobs", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    summary = json.loads((tmp_path / f"{stem}.json").read_text())
+    runs = json.loads((tmp_path / f"{stem}_runs.json").read_text())
+    assert summary["meta"]["command"].startswith(f"python experiments/{script}.py --quick")
+    assert sum(r["n"] for r in summary["aggregate"]) == len(runs) > 0
+    assert list(tmp_path.glob("*.png")) and list(tmp_path.glob("*.md"))
