@@ -58,6 +58,9 @@ def test_cli_errors_name_the_bad_value(tmp_path):
     assert res.exit_code != 0 and "encoder" in res.output
     res = runner.invoke(app, ["train", "--rate-epochs", "5", "--out", str(tmp_path), *TINY])
     assert res.exit_code != 0 and "rate_epochs" in res.output
+    res = runner.invoke(app, ["train", "--rate", "backslash", "--lam", "1", "--eps", "0", "--out", str(tmp_path),
+                              *TINY])
+    assert res.exit_code != 0 and "eps must be > 0" in res.output
     res = runner.invoke(app, ["train", "--init", "orthogonal", "--out", str(tmp_path), *TINY])
     assert res.exit_code != 0 and "unknown init 'orthogonal'" in res.output
     assert not any(tmp_path.iterdir())  # refused before anything is written

@@ -28,6 +28,7 @@ def train_cmd(
     lam: float = typer.Option(0.0, "--lam", help="rate weight lambda (step = lambda nu / N per value)"),
     rate_epochs: int | None = typer.Option(None, "--rate-epochs", help="apply the rate in the first K epochs only"),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="BackSlash: one shape per tensor, not pooled"),
+    eps: float | None = typer.Option(None, "--eps", help="rate soft clip (default: 1; 0 for l2)"),
     epochs: int = typer.Option(3, "--epochs"),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(2e-3, "--lr"),
@@ -55,7 +56,8 @@ def train_cmd(
         return
     cfg = RunConfig(
         task=task, model=model, init=init, gamma=gamma, rate=rate, lam=lam, rate_epochs=rate_epochs,
-        per_tensor=per_tensor, scale=scale, max_len=max_len, max_train=max_train, max_eval=max_eval, step=step,
+        per_tensor=per_tensor, eps=eps, scale=scale, max_len=max_len, max_train=max_train, max_eval=max_eval,
+        step=step,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress),
     )
     try:

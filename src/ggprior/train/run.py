@@ -55,6 +55,7 @@ class RunConfig:
     lam: float = 0.0
     rate_epochs: int | None = None
     per_tensor: bool = False
+    eps: float | None = None
     scale: int = 1
     max_len: int = 128
     vocab_size: int = 4096
@@ -76,6 +77,7 @@ class RunConfig:
         if self.rate_epochs is not None and not 0 <= self.rate_epochs <= self.train.epochs:
             raise TrainError(f"rate_epochs must be in [0, epochs={self.train.epochs}], got {self.rate_epochs}")
         self.train.validate()
+        make_rate_callback(self.rate, self.lam, eps=self.eps, per_tensor=self.per_tensor)  # checks eps
 
 
 def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,7 +129,7 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, *, resume: bool = Fal
     """Train one configuration; returns (and writes) the metrics with compression figures."""
     cfg.validate()
     tok, (train_data, val_data, test_data), model = build(cfg)
-    callbacks = [cb for cb in [make_rate_callback(cfg.rate, cfg.lam, epochs=cfg.rate_epochs,
+    callbacks = [cb for cb in [make_rate_callback(cfg.rate, cfg.lam, epochs=cfg.rate_epochs, eps=cfg.eps,
                                                   per_tensor=cfg.per_tensor)] if cb is not None]
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
