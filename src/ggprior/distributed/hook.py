@@ -46,7 +46,7 @@ class GCTConfig:
     """GCT settings (see the module docstring)."""
 
     coder: str = "ans"
-    rel_step: float = 0.5
+    rel_step: float = 0.05
     lam: float = 0.0
     error_feedback: bool = True
     grad_rate: float = 0.0
