@@ -94,6 +94,13 @@ def test_summarize_without_quantized_rows():
     assert out["exact_bytes"] == 8 and "bits_fl" not in out
 
 
+def test_summarize_all_zero_model_has_infinite_ratio():
+    row = {"kind": "quantized", "numel": 8, "orig_bits": 256, "bits_entropy": 0.0, "bits_fl": 40.0}
+    out = summarize([row], ["fl", "entropy"])
+    assert out["model_bytes_entropy"] == 0 and out["model_ratio_entropy"] == math.inf
+    assert out["model_ratio_fl"] == pytest.approx(256 / 40)
+
+
 def _minilm():
     from transformers import AutoModel
 

@@ -197,7 +197,7 @@ def summarize(rows: Sequence[dict], coders: Sequence[str]) -> dict:
         out[f"cr_{c}"] = totals["fl"] / totals[c] if totals[c] > 0 else math.inf
         out[f"ratio_dtype_{c}"] = orig_q / totals[c] if totals[c] > 0 else math.inf
         out[f"model_bytes_{c}"] = (totals[c] + exact_bits) / 8
-        out[f"model_ratio_{c}"] = out["orig_bytes"] / out[f"model_bytes_{c}"]
+        out[f"model_ratio_{c}"] = out["orig_bytes"] / out[f"model_bytes_{c}"] if out[f"model_bytes_{c}"] else math.inf
     return out
 
 
