@@ -39,7 +39,7 @@ def fit_cmd(
         from .v4 import fit_runtime
 
         kinds = [k for k, on in (("activations", activations), ("gradients", gradients)) if on]
-        return fit_runtime(source, kinds, task, examples, batch_size, out, seed)
+        return fit_runtime(source, kinds, task, examples, batch_size, out, seed, mle)
     try:
         src = open_source(source)
         samples: dict[str, torch.Tensor] = {}

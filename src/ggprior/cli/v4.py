@@ -20,11 +20,11 @@ from ..train.loop import TrainConfig, TrainError
 from .app import app, console, fail
 
 RUNTIME_COLUMNS = ["name", "kind", "group", "numel", "mu", "beta", "gamma", "std", "gamma_at_bound", "entropy_bits",
-                   "loglik_gg", "loglik_gauss", "loglik_laplace", "ks_gg", "ks_gauss", "ks_laplace", "best_law", "note"]
+                   "mu_mle", "beta_mle", "gamma_mle", "loglik_gg_mle", "loglik_gg", "loglik_gauss", "loglik_laplace", "ks_gg", "ks_gauss", "ks_laplace", "best_law", "note"]
 
 
 def fit_runtime(source: str, kinds: list[str], task: str, examples: int, batch_size: int, out: Path,
-                seed: int = 0) -> None:
+                seed: int = 0, mle: bool = False) -> None:
     """``ggprior fit SOURCE --activations/--gradients --task T``: GG rows of activations/gradients."""
     if source != "minilm":
         fail(f"--activations/--gradients run the model: only the built-in 'minilm' is supported, got {source!r}")
@@ -39,16 +39,17 @@ def fit_runtime(source: str, kinds: list[str], task: str, examples: int, batch_s
     rows = []
     try:
         if "activations" in kinds:
-            rows += activation_statistics(model, lambda: batches(data, batch_size), seed=seed)
+            rows += activation_statistics(model, lambda: batches(data, batch_size), seed=seed, mle=mle)
         if "gradients" in kinds:
-            rows += gradient_statistics(model, lambda: batches(data, batch_size), seed=seed)
+            rows += gradient_statistics(model, lambda: batches(data, batch_size), seed=seed, mle=mle)
     except HookError as e:
         fail(str(e))
     files = write_table(rows, out, "fit_" + "_".join(kinds), RUNTIME_COLUMNS,
                         title=f"GG fit of {source} {' and '.join(kinds)} on {task} ({len(data)} examples)")
     table = Table(title=f"{source}: pooled {' / '.join(kinds)}")
-    for col in ("name", "numel", "beta", "gamma", "loglik_gg", "loglik_gauss", "best_law"):
-        table.add_column(col, justify="right" if col not in ("name", "best_law") else "left")
+    table.add_column("name", no_wrap=True)
+    for col in ("numel", "beta", "gamma", "loglik_gg", "loglik_gauss", "best_law"):
+        table.add_column(col, justify="right")
     for r in rows:
         if r["name"].startswith(("__", "group:")) and "gamma" in r:
             table.add_row(r["name"], f"{r['numel']:,}", f"{r['beta']:.3g}", f"{r['gamma']:.3g}",
