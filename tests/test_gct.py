@@ -226,3 +226,22 @@ def test_cli_errors_are_one_line(tmp_path):
     for args, message in cases:
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 1 and message in res.output, (args, res.output)
+
+
+@pytest.mark.slow
+def test_data_parallel_bert_gct_vs_allreduce():
+    from ggprior.distributed.train import DPConfig, data_parallel
+    from ggprior.train import TrainConfig
+
+    out = {}
+    for method in ("allreduce", "gct"):
+        cfg = DPConfig(method=method, task="spam", max_len=16, max_train=64, max_eval=32, timeout=120,
+                       train=TrainConfig(epochs=1, batch_size=8, progress=False))
+        res = data_parallel(cfg, 2, deadline=600, start_method="fork")
+        assert [r["rank"] for r in res] == [0, 1] and res[0]["params_checksum"] == res[1]["params_checksum"]
+        assert res[0]["steps"] == res[1]["steps"] == 4 and res[1]["metrics"] is None
+        out[method] = res[0]
+    n = out["allreduce"]["values_per_step"]
+    assert out["allreduce"]["comm"]["bytes_per_step"] == 4 * n
+    assert 0 < out["gct"]["comm"]["bytes_per_step"] < 0.3 * 4 * n
+    assert 0 <= out["gct"]["metrics"]["test"]["accuracy"] <= 1

@@ -117,11 +117,12 @@ def worker(rank: int, workers: int, cfg_dict: dict) -> dict:
             "params_checksum": sums[0]}
 
 
-def data_parallel(cfg: DPConfig, workers: int = 2, *, deadline: float | None = None) -> list[dict]:
+def data_parallel(cfg: DPConfig, workers: int = 2, *, deadline: float | None = None,
+                  start_method: str = "spawn") -> list[dict]:
     """Run ``cfg`` on ``workers`` local processes; the per-worker results in rank order."""
     cfg.validate()
     return launch(worker, workers, (cfg.to_dict(),), timeout=cfg.timeout, device=cfg.train.device,
-                  deadline=deadline)
+                  deadline=deadline, start_method=start_method)
 
 
 def main_torchrun(cfg: DPConfig) -> dict | None:
