@@ -12,6 +12,7 @@ from .compression import measure, quantized_state_dict
 from .container import ContainerError, load_compressed, read_header, save_compressed
 from .data import get_tokenizer, load_task, task_info
 from .deepshape import deepshape_, reshape_values
+from .distributed import GCTConfig, gct_hook, wrap_ddp
 from .formats import FORMATS as WEIGHT_FORMATS
 from .formats import convert as to_format
 from .ggd import GGFit, cdf, entropy, fit, logpdf, pdf, ppf, refine_mle, sample, variance
@@ -24,6 +25,6 @@ from .rf8 import RF8Linear, to_rf8
 from .sources import SourceError, open_source
 from .stats import fit_model
 from .train import BackSlash, Callback, TrainConfig, TrainError, evaluate, make_rate_callback
-from .train.act import ACT
+from .train.act import ACT, activation_bits
 
 __version__ = "0.1.0"
