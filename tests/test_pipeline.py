@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -121,3 +122,14 @@ def test_cli_reports_a_bad_task_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["pipeline", "--task", "weather", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "unknown task 'weather'" in result.output
+
+
+def test_a_changed_training_setting_retrains_instead_of_resuming_the_old_checkpoint(run, tmp_path):
+    cfg, out, _ = run
+    copy = tmp_path / "pipe"
+    shutil.copytree(out, copy)
+    changed = PipelineConfig.preset("tiny", task="spam", pretrained=cfg.pretrained, lr=cfg.lr / 2)
+    res = run_pipeline(changed, copy, console=Console(quiet=True), progress=False)
+    assert res["config"]["lr"] == cfg.lr / 2
+    saved = json.loads((copy / "train" / "he-plain" / "metrics.json").read_text())
+    assert saved["config"]["lr"] == cfg.lr / 2
