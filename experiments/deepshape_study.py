@@ -2,6 +2,7 @@
 
     python experiments/deepshape_study.py table4 [--quick] [--seeds N] [--jobs J] [--out DIR]
     python experiments/deepshape_study.py table5 ...
+    python experiments/deepshape_study.py table5-trained ...
     python experiments/deepshape_study.py table6 ...
     python experiments/deepshape_study.py figure1 [--out DIR]
 
@@ -11,6 +12,8 @@
   one-epoch fine-tune. Also the accuracy-against-CR plot.
 - table5: all-MiniLM-L6-v2 fine-tuned briefly on sentiment, spam and topic; DeepShape
   (1.1, 0.7) once (reshape, then reshape + fine-tune) and iterated (a second round).
+- table5-trained: the same on small BERTs trained from scratch by the trainer on each of the
+  three tasks (the models the training issue trains), instead of MiniLM.
 - figure1: the distribution of the largest pretrained MiniLM matrix before/after DeepShape
   (the paper's Figure 1), one and two rounds, no fine-tune.
 - table6: small BERT, GPT-2 and LLaMA classifiers trained from scratch on sentiment, the same
@@ -342,14 +345,14 @@ def write_results(out: Path, name: str, rows: list[dict], agg: list[dict], lines
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("table", choices=("table4", "table5", "table6", "figure1"))
+    ap.add_argument("table", choices=("table4", "table5", "table5-trained", "table6", "figure1"))
     ap.add_argument("--quick", action="store_true", help="tiny smoke-test size")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default: 1 quick; table4/6 3, table5 2 full)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "deepshape")
     args = ap.parse_args()
     size = "quick" if args.quick else "full"
-    n_seeds = args.seeds or (1 if args.quick else 2 if args.table == "table5" else 3)
+    n_seeds = args.seeds or (1 if args.quick else 2 if args.table.startswith("table5") else 3)
     seeds = list(range(n_seeds))
     started = time.time()
     out = args.out
@@ -364,6 +367,9 @@ def main() -> None:
         by, lead = ("stage", "k_gamma", "k_beta"), ("stage", "k_gamma", "k_beta")
     elif args.table == "table5":
         jobs = [(job_table5, ("minilm", t, s, size)) for t in ("sentiment", "spam", "topic") for s in seeds]
+        by, lead = ("task", "round", "stage"), ("task", "round", "stage")
+    elif args.table == "table5-trained":
+        jobs = [(job_table5, ("bert", t, s, size)) for t in ("sentiment", "spam", "topic") for s in seeds]
         by, lead = ("task", "round", "stage"), ("task", "round", "stage")
     else:
         jobs = [(job_table5, (a, "sentiment", s, size)) for a in ("bert", "gpt2", "llama") for s in seeds]
