@@ -93,7 +93,10 @@ class PipelineConfig:
         if size == "tiny":
             base = replace(base, vocab_size=512, max_len=32, epochs=1, backslash_epochs=1, max_examples=96,
                            gof_values=1 << 12, batch_size=32)
-        cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "epochs" in given and "backslash_epochs" not in given:
+            given["backslash_epochs"] = min(base.backslash_epochs, given["epochs"])
+        cfg = replace(base, **given)
         cfg.validate()
         return cfg
 
@@ -249,17 +252,20 @@ def stage_stats(ctx: Context) -> dict:
     return _cached(ctx, "stats", {"pretrained": c.pretrained, "gof": c.gof_values, "seed": c.seed}, run)
 
 
-def _train_key(c: PipelineConfig) -> dict:
-    return {k: getattr(c, k) for k in ("task", "arch", "scale", "vocab_size", "max_len", "epochs", "batch_size",
-                                       "lr", "seed", "max_examples")}
+def _train_key(c: PipelineConfig, variant: str) -> dict:
+    """The settings a trained variant depends on (the BackSlash ones only for ``gg-backslash``)."""
+    key = {k: getattr(c, k) for k in ("task", "arch", "scale", "vocab_size", "max_len", "epochs", "batch_size",
+                                      "lr", "seed", "max_examples")}
+    if variant == "gg-backslash":
+        key.update(gamma=c.gamma, lam=c.lam, bs=c.backslash_epochs)
+    return key
 
 
 def stage_train(ctx: Context, variant: str) -> dict:
     """Train ``he-plain`` (He init, plain) or ``gg-backslash`` (GG init, BackSlash) from the same seed."""
     c = ctx.cfg
     gg = variant == "gg-backslash"
-    key = {**_train_key(c), "variant": variant, **({"gamma": c.gamma, "lam": c.lam, "bs": c.backslash_epochs}
-                                                     if gg else {})}
+    key = {**_train_key(c, variant), "variant": variant}
 
     def run() -> dict:
         ctx.load_data()
@@ -290,8 +296,7 @@ def stage_deepshape(ctx: Context, base: str) -> dict:
     """DeepShape (K_gamma, K_beta) on a trained variant, then ``finetune_epochs`` of plain training."""
     c = ctx.cfg
     variant = f"{base}+deepshape"
-    key = {**_train_key(c), "base": base, "k_gamma": c.k_gamma, "k_beta": c.k_beta, "ft": c.finetune_epochs,
-           **({"gamma": c.gamma, "lam": c.lam, "bs": c.backslash_epochs} if base == "gg-backslash" else {})}
+    key = {**_train_key(c, base), "base": base, "k_gamma": c.k_gamma, "k_beta": c.k_beta, "ft": c.finetune_epochs}
 
     def run() -> dict:
         model = ctx.load_variant(base)
