@@ -133,3 +133,10 @@ def test_a_changed_training_setting_retrains_instead_of_resuming_the_old_checkpo
     assert res["config"]["lr"] == cfg.lr / 2
     saved = json.loads((copy / "train" / "he-plain" / "metrics.json").read_text())
     assert saved["config"]["lr"] == cfg.lr / 2
+
+
+def test_fewer_epochs_than_backslash_epochs_shortens_the_backslash_phase():
+    cfg = PipelineConfig.preset("default", epochs=1)
+    assert (cfg.epochs, cfg.backslash_epochs) == (1, 1)
+    with pytest.raises(PipelineError, match="backslash_epochs"):
+        PipelineConfig.preset("default", epochs=1, backslash_epochs=2)

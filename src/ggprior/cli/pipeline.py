@@ -28,8 +28,6 @@ def pipeline_cmd(
     try:
         cfg = PipelineConfig.preset(size, task=task, epochs=epochs, gamma=gamma, lam=lam, k_gamma=k_gamma,
                                     k_beta=k_beta, bits=bits, seed=seed, device=device)
-        if epochs is not None and cfg.backslash_epochs > epochs:
-            cfg.backslash_epochs = epochs
         results = run_pipeline(cfg, out, console=console)
     except (PipelineError, ValueError, OSError) as e:
         fail(str(e))
