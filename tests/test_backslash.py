@@ -179,3 +179,47 @@ def test_zeros_stay_zero_under_a_fractional_shape():
     backslash_step_([x], lam=4.0, nu=0.5, eps=1.0)
     expected = 0.5 - 0.5 * 1.5 ** -0.5  # lam nu / N = 0.5
     assert x.tolist() == pytest.approx([0.0, expected, -expected, 0.0])
+
+
+# --- proximal (soft-threshold) variant and the reference lambda ---------------------------------
+
+def test_proximal_step_soft_thresholds_to_exact_zeros():
+    from ggprior.train.backslash import backslash_prox_
+
+    x = torch.tensor([-1.0, -0.01, 0.0, 0.005, 0.5, 2.0])
+    y = x.clone()
+    backslash_prox_([y], lam=0.06, nu=1.0, n=6)  # threshold c = 0.01 per value
+    assert torch.equal(y, torch.tensor([-0.99, 0.0, 0.0, 0.0, 0.49, 1.99]))
+    # the subgradient step moves the same amount but crosses zero instead of stopping there
+    z = x.clone()
+    backslash_step_([z], lam=0.06, nu=1.0, n=6)
+    assert float(z[3]) == pytest.approx(-0.005) and float(z[2]) == 0.0
+    # nu != 1: threshold c (|x| + eps)^(nu - 1), never past zero, same shrinkage away from it
+    w = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.1
+    a, b = w.clone(), w.clone()
+    backslash_prox_([a], lam=50.0, nu=0.7, eps=1.0)
+    backslash_step_([b], lam=50.0, nu=0.7, eps=1.0)
+    far = (b.sign() == w.sign()) & (b != 0)
+    assert torch.allclose(a[far], b[far]) and bool((a[~far] == 0).all()) and int((a == 0).sum()) > 0
+    assert bool((a.abs() <= w.abs()).all()) and bool((a * w >= 0).all())
+
+
+def test_proximal_callback_gives_exact_zeros_where_subgradient_does_not():
+    res = {}
+    for update in ("subgradient", "proximal"):
+        res[update] = train(_model(), _task(), None, _cfg(), [BackSlash(20.0, update=update)])
+    assert res["proximal"]["history"][-1]["rate_exact_zero_frac"] > 0.05
+    assert res["subgradient"]["history"][-1]["rate_exact_zero_frac"] < 0.01
+    with pytest.raises(TrainError, match="update"):
+        BackSlash(1.0, update="newton")
+    with pytest.raises(TrainError, match="proximal"):
+        BackSlash(1.0, update="proximal", mode="loss")
+    assert make_rate_callback("l1", 1.0, update="proximal").update == "proximal"
+
+
+def test_reference_lambda():
+    from ggprior.train.backslash import reference_lambda
+
+    assert reference_lambda(22_000_000) == 2e3
+    assert reference_lambda(110_000_000, 4, match_size=True) == pytest.approx(8e3)
+    assert reference_lambda(11_000_000, match_size=True) == pytest.approx(200.0)

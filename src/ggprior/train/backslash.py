@@ -132,6 +132,47 @@ def backslash_step_(tensors: Sequence[torch.Tensor], lam: float, nu: Sequence[fl
             t.sub_(t.abs().add_(eps).log_().mul_(v - 1.0).exp_().mul_(t.sign()), alpha=c)
 
 
+# --- Proximal (soft-threshold) variant of the step, and the reference lambda --------------------
+#
+# ``backslash_step_`` is a subgradient step: a value smaller than the step size c crosses zero
+# and flips sign, so the rate only makes values oscillate around 0 (|x| <= c), never exactly 0.
+# The proximal variant applies the same shrinkage but stops at zero (soft-thresholding, the
+# proximal operator of the linearised rate c (|x| + eps)^(nu - 1) |x| at the current x):
+#
+#     x <- sign(x) max(|x| - c (|x| + eps)^(nu - 1), 0),   c = lambda nu / N,
+#
+# which gives exact zeros (for nu = 1 it is the proximal step of L1, the ISTA update). A value
+# at 0 stays there unless the optimizer's next step moves it by more than the threshold.
+#
+# Reference lambda: the authors' code uses lambda = 2e3 with the step lambda nu / N over every
+# parameter of the model (BERT-base, N ~ 110M). ``reference_lambda(n, multiple)`` gives
+# ``multiple`` x 2e3 as is (the reference scaling: per-value step 2e3 nu / N on this model),
+# or with ``match_size=True`` rescaled by N / 110M, so the per-value step equals the one the
+# reference took on BERT-base.
+
+UPDATES = ("subgradient", "proximal")
+REFERENCE_LAMBDA = 2e3
+REFERENCE_N = 110e6
+
+
+def reference_lambda(n: int, multiple: float = 1.0, *, match_size: bool = False) -> float:
+    """``multiple`` x the reference lambda 2e3; ``match_size`` rescales it by n / 110M (BERT-base)."""
+    return float(multiple) * REFERENCE_LAMBDA * (n / REFERENCE_N if match_size else 1.0)
+
+
+@torch.no_grad()
+def backslash_prox_(tensors: Sequence[torch.Tensor], lam: float, nu: Sequence[float] | float, eps: float = 1.0,
+                    n: int | None = None) -> None:
+    """In place: x <- sign(x) max(|x| - (lam nu / N) (|x| + eps)^(nu - 1), 0) (exact zeros)."""
+    nus = [float(nu)] * len(tensors) if np.isscalar(nu) else [float(v) for v in nu]
+    n = n if n is not None else sum(t.numel() for t in tensors)
+    for t, v in zip(tensors, nus, strict=True):
+        c = lam * v / n
+        a = t.abs()
+        thr = a.add(eps).log_().mul_(v - 1.0).exp_().mul_(c) if v != 1.0 else c
+        t.copy_(a.sub_(thr).clamp_(min=0.0).mul_(t.sign()))
+
+
 class BackSlash(Callback):
     """Rate-constrained training as a trainer callback (see the module docstring).
 
@@ -140,7 +181,12 @@ class BackSlash(Callback):
 
     def __init__(self, lam: float, *, nu: float | None = None, eps: float = 1.0, per_tensor: bool = False,
                  mode: str = "step", epochs: int | None = None, params: str = "matrices",
-                 nu_range: tuple[float, float] = NU_RANGE):
+                 nu_range: tuple[float, float] = NU_RANGE, update: str = "subgradient"):
+        if update not in UPDATES:
+            raise TrainError(f"unknown BackSlash update {update!r}; known: {', '.join(UPDATES)}")
+        if update == "proximal" and mode != "step":
+            raise TrainError("the proximal BackSlash update needs mode='step'")
+        self.update = update
         if not lam >= 0:
             raise TrainError(f"BackSlash lambda must be >= 0, got {lam}")
         if mode not in MODES:
@@ -193,7 +239,8 @@ class BackSlash(Callback):
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
         if self.mode == "step" and self.active and self.lam > 0:
-            backslash_step_(self.tensors, self.lam, self.current_nu(), self.eps, self.n)
+            step_ = backslash_prox_ if self.update == "proximal" else backslash_step_
+            step_(self.tensors, self.lam, self.current_nu(), self.eps, self.n)
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict:
         nu_mean = self._nu_sum / self._nu_count if self._nu_count else None
@@ -211,8 +258,13 @@ class BackSlash(Callback):
 
 
 def make_rate_callback(kind: str, lam: float, *, epochs: int | None = None, eps: float | None = None,
-                       per_tensor: bool = False, mode: str = "step", params: str = "matrices") -> BackSlash | None:
-    """``none`` -> None; ``backslash`` (adaptive nu, eps 1); ``l1`` (nu 1); ``l2`` (nu 2, eps 0)."""
+                       per_tensor: bool = False, mode: str = "step", params: str = "matrices",
+                       update: str = "subgradient") -> BackSlash | None:
+    """``none`` -> None; ``backslash`` (adaptive nu, eps 1); ``l1`` (nu 1); ``l2`` (nu 2, eps 0).
+
+    ``update="proximal"`` uses the soft-threshold step (:func:`backslash_prox_`) instead of the
+    subgradient step.
+    """
     if kind not in RATES:
         raise TrainError(f"unknown rate {kind!r}; known: {', '.join(RATES)}")
     if kind == "none":
@@ -220,4 +272,4 @@ def make_rate_callback(kind: str, lam: float, *, epochs: int | None = None, eps:
     nu = {"backslash": None, "l1": 1.0, "l2": 2.0}[kind]
     default_eps = 0.0 if kind == "l2" else 1.0
     return BackSlash(lam, nu=nu, eps=default_eps if eps is None else eps, per_tensor=per_tensor, mode=mode,
-                     epochs=epochs, params=params)
+                     epochs=epochs, params=params, update=update)
