@@ -6,8 +6,8 @@ three tasks, then measures the rate-accuracy curve of every fine-tuned model and
 
 Per task and seed: a plain fine-tune; L1 (nu = 1), BackSlash with the subgradient step and
 BackSlash with the proximal (soft-threshold) step at the same lambdas: the size-matched
-reference (2e3 x N / 110M, the per-value step the reference took on BERT-base), 0.5x, 1x
-(= 2e3, the reference value as is, step lambda nu / N on this model) and 2x the reference;
+reference (2e3 x N / 110M, the per-value step the reference took on BERT-base), then 0.5x,
+1x (= 2e3, the reference value as is, step lambda nu / N on this model), 2x, 4x and 8x it;
 DeepShape (K_gamma 1.1, K_beta 0.7, per matrix, 2^-13 grid with a 2^-17 fallback) then one
 fine-tune epoch (lr / 10; BackSlash models keep their rate at lambda / 10) on the plain and
 the proximal models.
@@ -62,7 +62,7 @@ MAX_LEN = {"sentiment": 64, "spam": 64, "topic": 128}
 CODERS = ("fl", "eg", "huffman", "ans")
 RELS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
 FAITHFUL = 0.01
-MULTIPLES = ("matched", 0.5, 1.0, 2.0)  # x the reference lambda 2e3; "matched": x N / 110M
+MULTIPLES = ("matched", 0.5, 1.0, 2.0, 4.0, 8.0)  # x the reference lambda 2e3; "matched": x N / 110M
 METHODS = {  # name -> (rate kind, update)
     "plain": ("none", None), "l1": ("l1", "subgradient"),
     "bs_sub": ("backslash", "subgradient"), "bs_prox": ("backslash", "proximal"),
@@ -320,7 +320,7 @@ def aggregate(rows: list[dict], task: str) -> dict:
 
 
 def family(variant: str) -> str:
-    base = variant.split("@")[0]
+    base = variant.split("@")[0].split("+")[0]
     return base + ("+ds" if variant.endswith("+ds") else "")
 
 
@@ -454,7 +454,23 @@ def phase_report(args, results: dict) -> None:
              f"faithful rule: relative RMS error {FAITHFUL:.0%} per tensor; "
              f"tolerance {TOLERANCE * 100:.0f} point on mean validation accuracy.", ""]
     if results.get("errors"):
-        lines += [f"**{len(results['errors'])} jobs failed**: " + "; ".join(e["error"][:200] for e in results["errors"]), ""]
+        import ast
+        import collections
+
+        miss = collections.Counter()
+        other = []
+        for e in results["errors"]:
+            job, _, why = e["error"].partition("}: ")
+            if "skipped" in why:
+                j = ast.literal_eval(job + "}")
+                miss[f"{j['task']} {j['method']}"] += 1
+            else:
+                other.append(e["error"][:300])
+        if miss:
+            lines += ["Not run (skipped at the device time budget; count of (seed, lambda) jobs): "
+                      + ", ".join(f"{k} x{v}" for k, v in sorted(miss.items())) + ".", ""]
+        if other:
+            lines += [f"**{len(other)} jobs failed**: " + "; ".join(other), ""]
     # --- baselines
     lines += ["## Baselines (test accuracy, %)", "", "| task | TF-IDF + LR | plain fine-tune (fp32, per seed) | mean |",
               "|---|---|---|---|"]
@@ -559,7 +575,8 @@ def phase_report(args, results: dict) -> None:
             axes[i][j].set_ylabel(lab)
         axes[0][j].set_title(t)
         axes[2][j].set_xlabel("lambda (step lambda nu / N; 2000 = reference)")
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     save_figure(fig, out / "lambda_sweep.png")
     print(f"wrote {out / 'results.md'}, rate_accuracy.png, lambda_sweep.png")
 
@@ -601,7 +618,7 @@ def main() -> None:
     if args.phase in ("all", "train", "train+code"):
         rows = phase_train(args)
         print(f"train phase {time.perf_counter() - t0:.0f}s", flush=True)
-    else:
+    elif args.phase == "code":
         rows = json.loads((args.out / "train_rows.json").read_text())
     if args.phase in ("all", "code", "train+code"):
         results = phase_code(args, rows)
