@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ggd import rho
+from ..gg.math import rho
 from .loop import Callback, TrainError
 
 NU_RANGE = (0.1, 3.0)

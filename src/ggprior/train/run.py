@@ -31,10 +31,11 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from ..compression import measure, quantized_state_dict
-from ..data import get_tokenizer, load_task, task_info, task_kind
-from ..fileio import atomic_path, write_text
-from ..models import INIT_SCHEMES, ModelError, build_model, check_arch, count_parameters, initialize_
+from ..codec.lengths import measure, quantized_state_dict
+from ..io.atomic import atomic_path, write_text
+from ..tasks.data import load_task, task_info, task_kind
+from ..tasks.models import INIT_SCHEMES, ModelError, build_model, check_arch, count_parameters, initialize_
+from ..tasks.tokenizer import get_tokenizer
 from .backslash import RATES, make_rate_callback
 from .loop import TrainConfig, TrainError, evaluate, train
 
