@@ -123,3 +123,42 @@ def test_choose_step_and_include_policy():
     assert quant.is_included("fc.weight", (8, 8), "matrices")
     with pytest.raises(QuantError, match="include"):
         quant.is_included("x", (1,), "some")
+
+
+@pytest.mark.parametrize("dtype, values, rule", [
+    (torch.float32, [3.4028234e38, -3e38, 1.0], {"bits": 10}),
+    (torch.float16, [65504.0, -65000.0, 1.0, 0.5] * 8, {"rel": 0.01}),
+    (torch.float16, [65504.0, -65504.0, 3.0], {"bits": 2}),
+    (torch.bfloat16, [3.3e38, -3.3e38, 1.0], {"bits": 3}),
+])
+def test_finite_weights_decode_to_finite_values(dtype, values, rule):
+    """Issue 16 item 3: q * step cast back to the tensor's dtype never overflows to +-inf."""
+    t = torch.tensor(values, dtype=dtype)
+    step = quant.choose_step(t, **rule)
+    q = quant.quantize(t, step, name="w")
+    w = quant.dequantize(q, step, dtype)
+    assert bool(torch.isfinite(w).all()), w
+    # clamping costs at most one step: the error stays below a step
+    assert float((w.double() - t.double()).abs().max()) <= step * (1 + 1e-6)
+
+
+@given(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), st.integers(2, 31),
+       st.floats(0.5, 1.0))
+def test_values_near_the_dtype_maximum_decode_finite(dtype, nbits, frac):
+    top = float(torch.finfo(dtype).max)
+    t = torch.tensor([top * frac, -top * frac, top * frac / 3], dtype=dtype)
+    step = quant.step_for_bits(t, nbits)
+    assert bool(torch.isfinite(quant.dequantize(quant.quantize(t, step), step, dtype)).all())
+
+
+@pytest.mark.parametrize("nbits", [2, 10, 31])
+@pytest.mark.parametrize("value", [5e-43, 1.4e-45, 1e-40])
+def test_subnormal_weights_get_a_positive_step(nbits, value):
+    """Issue 16 item 5: values below ~7e-43 used to make the step 0 (ZeroDivisionError)."""
+    t = torch.tensor([value, -value, 0.0], dtype=torch.float32)
+    step = quant.step_for_bits(t, nbits)
+    assert step >= quant.MIN_STEP > 0
+    q = quant.quantize(t, step)
+    assert int(q.abs().max()) <= (1 << (nbits - 1)) - 1
+    assert float((quant.dequantize(q, step).double() - t.double()).abs().max()) <= step / 2 * (1 + 1e-6)
+    assert quant.step_for_rel_error(t, 0.01) >= quant.MIN_STEP

@@ -35,6 +35,9 @@ from .histogram import Histogram, histogram
 Q_LIMIT = (1 << 30) - 1
 """Largest |q| the coders accept (zigzag values stay below 2^31)."""
 
+MIN_STEP = float(np.finfo(np.float32).smallest_subnormal)
+"""Smallest step (the smallest positive float32): rules that would round a step to 0 use this."""
+
 INCLUDE_CHOICES = ("all", "matrices")
 
 
@@ -60,8 +63,10 @@ def check_step(step: float, name: str = "tensor") -> float:
 def quantize(t: torch.Tensor, step: float, *, name: str = "tensor") -> torch.Tensor:
     """Integers ``round(t / step)`` as int32 on ``t``'s device (step rounded to float32).
 
-    Raises :class:`QuantError` naming ``name`` for NaN/Inf values or when some |q| would
-    exceed ``Q_LIMIT`` (the step is too small for the tensor's range).
+    The grid is clamped to ``t``'s dtype: ``|q| <= floor(finfo.max / step)``, so ``q * step`` cast
+    back to that dtype is finite (a value within half a step of the dtype's maximum would
+    otherwise decode to +-inf). Raises :class:`QuantError` naming ``name`` for NaN/Inf values
+    or when some |q| would exceed ``Q_LIMIT`` (the step is too small for the tensor's range).
     """
     step = check_step(step, name)
     x = t.detach()
@@ -77,6 +82,9 @@ def quantize(t: torch.Tensor, step: float, *, name: str = "tensor") -> torch.Ten
                 f"{name}: step {step:g} is too small for max|w| = {float(x.abs().max()):g} "
                 f"(|q| would exceed {Q_LIMIT})"
             )
+        top = math.floor(float(torch.finfo(x.dtype).max) / step)
+        if top < Q_LIMIT and max(-float(lo), float(hi)) > top:
+            q = q.clamp_(-top, top)
     return q.to(torch.int32)
 
 
@@ -102,7 +110,7 @@ def step_for_bits(t: torch.Tensor, bits: int, *, name: str = "tensor") -> float:
         raise QuantError(f"{name}: contains NaN or Inf values; cannot quantize")
     if amax == 0.0:
         return 1.0
-    step = _f32(amax / ((1 << (bits - 1)) - 1))
+    step = max(_f32(amax / ((1 << (bits - 1)) - 1)), MIN_STEP)  # subnormal weights: never a step of 0
     # float32 rounding of the step may push round(max/step) one level over the budget.
     while amax / step > (1 << (bits - 1)) - 0.5:
         step = float(np.nextafter(np.float32(step), np.float32(np.inf)))
@@ -146,7 +154,7 @@ def step_for_rel_error(
         return 1.0
     guess = math.sqrt(12.0) * rel * rms
     lo, hi = guess / 64.0, guess * 64.0
-    lo = max(lo, float(x.abs().max()) / Q_LIMIT)
+    lo, hi = max(lo, float(x.abs().max()) / Q_LIMIT, MIN_STEP), max(hi, MIN_STEP)  # subnormals: never 0
     if rel_error(x, hi) <= rel:
         return _f32(hi)
     for _ in range(64):
