@@ -211,3 +211,22 @@ def test_open_quantized_validates_the_file(tmp_path):
     garbage.write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         formats.open_quantized(garbage)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", [(0, 16), (16, 0), (0,)])
+def test_empty_tensors_round_trip_in_every_format(name, shape):
+    """Issue 16 item 5: int8 on (0, 16) / (16, 0) and fp8-e4m3-scaled on (0, 16) raised from torch."""
+    f = formats.get_format(name)
+    w = torch.zeros(shape)
+    back = f.dequantize(f.quantize(w, name="w"), torch.float32)
+    assert tuple(back.shape) == shape
+
+
+def test_save_quantized_file_with_empty_tensors(tmp_path):
+    src = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(0, 16), "b": torch.zeros(16, 0), "c": weights(8, 8)}, str(src))
+    out = tmp_path / "q.safetensors"
+    formats.save_quantized(src, out, "int8")
+    back = formats.load_quantized(out)
+    assert back["a"].shape == (0, 16) and back["b"].shape == (16, 0)

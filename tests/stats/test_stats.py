@@ -152,3 +152,29 @@ def test_cli_fit_missing_source_fails_cleanly(tmp_path):
     assert res.exit_code != 0
     assert "no such file" in res.output
     assert not (tmp_path / "fit.json").exists()
+
+
+def test_fit_model_streams_empty_matrices(tmp_path):
+    """Issue 16 item 5: a (0, N) tensor made iter_chunks divide by zero."""
+    path = tmp_path / "m.safetensors"
+    w = gg.sample((32, 16), 0, 0.05, 1.2, generator=torch.Generator().manual_seed(0))
+    save_file({"empty.weight": torch.zeros(0, 16), "w.weight": w}, str(path))
+    src = open_source(path)
+    assert [c.numel() for c in src.iter_chunks("empty.weight")] == [0]
+    rows = {r["name"]: r for r in fit_model(path, progress=False)}
+    assert rows[MODEL_ROW]["numel"] == w.numel()
+    assert "note" in rows["empty.weight"] and rows["w.weight"]["gamma"] > 0
+
+
+def test_nothing_fittable_and_bad_gof_values_are_errors(tmp_path):
+    """Issue 16 item 8: a 0-d tensor printed NaN fits with exit 0; --gof-values -1 was accepted."""
+    path = tmp_path / "scalar.safetensors"
+    save_file({"w": torch.tensor(1.5)}, str(path))
+    with pytest.raises(ValueError, match="nothing to fit.*constant"):
+        fit_model(path, progress=False)
+    res = CliRunner().invoke(app, ["fit", str(path), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "nothing to fit" in res.output and not (tmp_path / "out").exists()
+    good = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(16, 16)}, str(good))
+    res = CliRunner().invoke(app, ["fit", str(good), str(tmp_path / "out2"), "--gof-values", "-1"])
+    assert res.exit_code == 1 and "-1" in res.output and not (tmp_path / "out2").exists()

@@ -81,8 +81,11 @@ def _check(w: torch.Tensor, name: str) -> None:
 
 
 def _finite_amax(w: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """max |finite value| (over ``dim``, or all); 0 for an empty tensor or reduction."""
     a = torch.where(torch.isfinite(w), w.abs(), 0.0)
-    return a.amax() if dim is None else a.amax(dim=dim)
+    if dim is None:
+        return a.amax() if a.numel() else a.new_zeros(())
+    return a.amax(dim=dim) if a.shape[dim] else a.new_zeros(a.shape[:dim] + a.shape[dim + 1:])
 
 
 def _positive(scale: torch.Tensor) -> torch.Tensor:
@@ -126,7 +129,7 @@ def _fp8_scaled(dtype: torch.dtype) -> Callable[[torch.Tensor, str], QTensor]:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() >= 2 else t.reshape(1, -1)
 
 
 def _int8_encode(w: torch.Tensor, name: str) -> QTensor:

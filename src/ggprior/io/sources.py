@@ -117,7 +117,7 @@ class SafetensorsSource(TensorSource):
     def iter_chunks(self, name: str, max_elems: int = 1 << 24) -> Iterator[torch.Tensor]:
         """Read slices along the first dimension, so a tensor larger than memory streams."""
         shape = self.shape(name)
-        if len(shape) < 2:
+        if len(shape) < 2 or self.numel(name) == 0:
             yield self[name].reshape(-1)
             return
         row = max(1, self.numel(name) // shape[0])

@@ -100,6 +100,8 @@ def fit_model(
     names = floating_names(src) if names is None else names
     if not names:
         raise ValueError(f"{src.label}: no floating-point tensors to fit")
+    if gof and max_gof_values < 1:
+        raise ValueError(f"max_gof_values must be >= 1, got {max_gof_values}")
     gen = torch.Generator().manual_seed(seed)
     total = sum(src.numel(n) for n in names)
     pools: dict[str, _Pool] = {MODEL_ROW: _Pool(gg.MomentAccumulator(f"{src.label} (model)"))}
@@ -159,4 +161,6 @@ def fit_model(
             pool_samples[key] = values
         pool_rows.append(_row(key, fit, values, extra))
     assert sum(r["numel"] for r in rows) + sum(r["numel"] for r in skipped) == total
+    if not rows and all("note" in r for r in pool_rows):
+        raise ValueError(f"{src.label}: nothing to fit ({skipped[0]['note'] if skipped else pool_rows[0]['note']})")
     return pool_rows + rows + skipped
