@@ -4,31 +4,63 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
-    On any error the temporary file is removed and ``path`` is left as it was.
+    The temporary file is created with mode 0o666 (the kernel applies the process umask, which is
+    never changed). On any error, or a SIGTERM turned into one (:func:`ggprior.cli.main`), the
+    temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    parent = path.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(f"{path}: {p} is a file, not a folder")
+            break
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = _create_temp(parent, f".{path.name}.", ".tmp")
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 (writers may recreate it): the usual permissions
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)  # the writer may have replaced the file: sync what is there now
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_dir(parent)
+
+
+def _create_temp(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create an empty file with a fresh name in ``folder`` (mode 0o666 less the umask)."""
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{folder}: no free temporary name for {prefix}*{suffix}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
