@@ -8,6 +8,8 @@ not rich markup.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -46,3 +48,23 @@ def need(value: object, what: str, usage: str) -> None:
     """Fail when a positional argument is missing, showing the usage line."""
     if value is None:
         fail(f"missing {what}: usage: {usage}")
+
+
+OVERWRITE_HELP = "replace OUT if it exists"
+
+
+def check_output(out: Path, inputs: tuple[object, ...], *, overwrite: bool, writes: tuple[Path, ...] = ()) -> None:
+    """Fail before anything is written when OUT (or a file ``writes`` names inside it) is one of ``inputs``
+    (the same file or folder, symlinks resolved), or when OUT exists (a file, or a folder with files in it)
+    and ``overwrite`` is off."""
+    for target in (out, *writes):
+        for given in inputs:
+            if given is None or not Path(str(given)).exists():
+                continue
+            src = Path(str(given))
+            same = os.path.samefile(src, target) if target.exists() else src.resolve() == target.resolve()
+            if same:
+                fail(f"{target}: is the input {given}; write the output to another path")
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        if not overwrite:
+            fail(f"{out}: already exists (pass --overwrite to replace it)")

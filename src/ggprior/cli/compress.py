@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, fail, need, renamed
+from .app import OVERWRITE_HELP, app, check_output, console, fail, need, renamed
 from .choices import CODERS, INCLUDE
 
 STEP_HELP = "quantization step for every tensor"
@@ -46,10 +46,12 @@ def compress_cmd(
     coder: str = typer.Option("ans", "--coder", help=f"one of {', '.join(CODERS)}"),
     select: str = typer.Option("all", "--select", help=SELECT_HELP),
     gg_fit: str = typer.Option("moment", "--gg-fit", help="GG fit for --coder ans: moment or ml"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     old_include: str = typer.Option(None, "--include", hidden=True),
 ) -> None:
     """Quantize and entropy-code a model into a .ggz file."""
     renamed(old_include, "--include", INCLUDE_GONE)
+    check_output(out, (source,), overwrite=overwrite)
     from ..codec import save_compressed
 
     try:
@@ -69,8 +71,10 @@ def compress_cmd(
 def decompress_cmd(
     source: Path = typer.Argument(..., help="input .ggz file"),
     out: Path = typer.Argument(..., help="output .safetensors file"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Decode a .ggz file into a safetensors file (dequantized weights, original dtypes)."""
+    check_output(out, (source,), overwrite=overwrite)
     from ..codec import load_compressed
     from ..io import save_tensors
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, fail
+from .app import OVERWRITE_HELP, app, check_output, console, fail
 from .choices import BIN_WIDTH, N_MIN, SELECT, TAILS
 
 
@@ -47,10 +47,12 @@ def deepshape_cmd(
     lr: float = typer.Option(2e-5, "--lr", help="fine-tuning learning rate"),
     batch_size: int = typer.Option(32, "--batch-size", help="fine-tuning batch size"),
     seed: int = typer.Option(0, "--seed", help="fine-tuning seed (round r uses seed + r - 1)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Reshape SOURCE's weights toward GG(mu, K_gamma gamma, K_beta beta), optionally fine-tune, and write OUT."""
     if out.suffix != ".safetensors":
         fail(f"{out}: the output must be a .safetensors file")
+    check_output(out, (source,), overwrite=overwrite)
     from ..deepshape import deepshape
     from ..io import SourceError, save_tensors, write_table
     from ..tasks import DataError, ModelError

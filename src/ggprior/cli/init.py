@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, fail
+from .app import OVERWRITE_HELP, app, check_output, console, fail
 
 
 @app.command("init")
@@ -20,8 +20,10 @@ def init_cmd(
     seed: int = typer.Option(0, "--seed"),
     scale: int = typer.Option(1, "--scale", help="size of a built-in architecture"),
     vocab_size: int = typer.Option(4096, "--vocab-size", help="vocabulary of a built-in architecture"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """GG-initialize every weight matrix of CONFIG's model (eq. 6) and write it to OUT."""
+    check_output(out, (config,), overwrite=overwrite, writes=(out / "model.safetensors", out / "config.json"))
     from ..tasks import ModelError
     from ..tasks.initialized import write_initialized
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, fail, need, renamed
+from .app import OVERWRITE_HELP, app, check_output, console, fail, need, renamed
 from .choices import FORMATS
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -22,6 +22,7 @@ def quantize_cmd(
     fmt: str = typer.Option(..., "--format", help=f"one of {', '.join(FORMATS)}"),
     include: str = typer.Option(None, "--include", help="only tensors whose name matches this regex"),
     exclude: str = typer.Option(None, "--exclude", help="keep tensors whose name matches this regex as they are"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     old_out: Path = typer.Option(None, "--out", hidden=True),
 ) -> None:
     """Quantize every floating-point matrix of SOURCE into OUT/quantized.safetensors (per-tensor table beside it)."""
@@ -32,9 +33,12 @@ def quantize_cmd(
         fail(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if out.exists() and not out.is_dir():
         fail(f"{out}: exists and is not a folder")
+    from ..formats import QUANTIZED_FILE
+
+    check_output(out, (source,), overwrite=overwrite, writes=(out / QUANTIZED_FILE,))
     from tqdm import tqdm
 
-    from ..formats import QUANTIZED_FILE, parse_select, save_quantized
+    from ..formats import parse_select, save_quantized
     from ..io import SourceError, write_table
 
     try:
