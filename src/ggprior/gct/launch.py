@@ -161,8 +161,6 @@ def launch(fn: Callable, workers: int, args: tuple = (), *, timeout: float = 120
         try:
             while not ctx.join(timeout=0.5):
                 if deadline is not None and time.monotonic() - t0 > deadline:
-                    for p in ctx.processes:
-                        p.kill()
                     raise GCTError(f"distributed run passed its deadline of {deadline:.0f} s; workers stopped")
         except mp.ProcessExitedException as e:
             raise GCTError(f"worker {e.error_index} of {workers} died (exit code {e.exit_code}); "
@@ -170,6 +168,11 @@ def launch(fn: Callable, workers: int, args: tuple = (), *, timeout: float = 120
         except mp.ProcessRaisedException as e:
             raise GCTError(f"worker {e.error_index} of {workers} failed: {_last_line(e.msg)}; "
                            "the other workers were stopped") from e
+        finally:  # any way out (an error, SIGTERM turned into an exception) stops the workers first
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
         results = []
         for r in range(workers):
             path = Path(out) / f"rank{r}.json"
