@@ -26,6 +26,7 @@ _HOMES = {
     "deepshape": "ggprior.deepshape", "deepshape_": "ggprior.deepshape",
     # coding and number formats
     "measure": "ggprior.codec", "save_compressed": "ggprior.codec", "load_compressed": "ggprior.codec",
+    "from_pretrained": "ggprior.codec",
     "to_format": "ggprior.formats", "to_rf8": "ggprior.formats",
     # the main job
     "run_pipeline": "ggprior.pipeline", "PipelineConfig": "ggprior.pipeline",

@@ -97,7 +97,7 @@ def test_rel_error_step_and_inspect_rows(tmp_path):
     assert err == pytest.approx(0.02, rel=0.05)
     rows = {r["name"]: r for r in container.inspect_rows(path)}
     e = next(e for e in header["tensors"] if e["name"] == "fc.weight")
-    assert rows["fc.weight"]["bits_per_weight"] == 8 * e["length"] / (48 * 32)
+    assert rows["fc.weight"]["bits_per_weight"] == 8 * container.stored_bytes(e) / (48 * 32)
     assert rows["fc.weight"]["gg_beta"] == pytest.approx(e["gg"][1] * e["step"])
     assert rows["mask"]["coder"] == "raw"
 
@@ -155,7 +155,7 @@ def test_clear_errors_for_common_damage(tmp_path):
     cases = {
         "not a .ggz file": b"PK\x03\x04" + good[4:],
         "too short": good[:10],
-        "unsupported .ggz version": good[:8] + struct.pack("<I", 2) + good[12:],
+        "unsupported .ggz version": good[:8] + struct.pack("<I", 3) + good[12:],
         "header checksum": good[:40] + bytes([good[40] ^ 1]) + good[41:],
         "truncated or padded": good[:-1],
         "stream checksum": good[:-5] + bytes([good[-5] ^ 0x10]) + good[-4:],
@@ -174,23 +174,31 @@ def test_clear_errors_for_common_damage(tmp_path):
 @pytest.mark.parametrize("field,value,msg", [
     ("shape", [10**30, 0], "invalid shape"),
     ("shape", [2**20, 2**20, 2**20], "exceed the limit"),
-    ("shape", [48, 33], "does not end where expected"),
-    ("offset", 10**9, "outside"),
-    ("length", -1, "invalid length"),
+    ("shape", [1] * 9, "at most 8 dimensions"),
+    ("shape", [48, 33], "chunks hold"),
+    ("chunk.offset", 10**9, "overlaps or leaves a gap|streams end"),
+    ("chunk.length", -1, "invalid chunk length"),
+    ("chunk.n", 0, "invalid chunk"),
+    ("chunk.n", container.CHUNK_MAX + 1, "invalid chunk"),
     ("dtype", "complex", "unsupported dtype"),
     ("coder", "zip", "unknown coder"),
     ("step", 0.0, "step"),
     ("step", "0.1", "step"),
-    ("params", {"qmin": 0}, "expects parameters"),
+    ("chunk.params", {"qmin": 0}, "invalid chunk parameters"),
+    ("table.nsym", 1, "frequency table parameters"),
+    ("table.prob_bits", 40, "frequency table parameters"),
     ("gg", [0.0, -1.0, 1.0], "invalid GG"),
     ("encoding", "gzip", "unknown encoding"),
-    ("qcrc32", 2**33, "invalid qcrc32"),
-    ("name", "", "no valid name"),
+    ("chunk.qcrc32", 2**33, "invalid chunk qcrc32"),
+    ("name", "", "not a non-empty string"),
+    ("name", 7, "not a non-empty string"),
 ])
 def test_header_fields_are_validated(tmp_path, field, value, msg):
     header, body = _split(_good_file("ans"))
     e = next(e for e in header["tensors"] if e["name"] == "fc.weight")
-    e[field] = value
+    where, _, key = field.rpartition(".")
+    target = e["chunks"][0] if where == "chunk" else e["table"] if where == "table" else e
+    target[key] = value
     p = tmp_path / "bad.ggz"
     p.write_bytes(_join(header, body))
     with pytest.raises(ContainerError, match=msg):
@@ -199,10 +207,10 @@ def test_header_fields_are_validated(tmp_path, field, value, msg):
 
 def test_overlapping_and_duplicate_streams(tmp_path):
     header, body = _split(_good_file("eg"))
-    header["tensors"][1]["offset"] = header["tensors"][0]["offset"]
+    header["tensors"][1]["chunks"][0]["offset"] = header["tensors"][0]["chunks"][0]["offset"]
     p = tmp_path / "bad.ggz"
     p.write_bytes(_join(header, body))
-    with pytest.raises(ContainerError, match="overlap|checksum"):
+    with pytest.raises(ContainerError, match="overlap"):
         load_compressed(p)
     header, body = _split(_good_file("eg"))
     header["tensors"][1]["name"] = header["tensors"][0]["name"]
@@ -268,7 +276,11 @@ def test_rewritten_headers_with_valid_checksum_fail_cleanly(tmp_path_factory, co
     for _ in range(data.draw(st.integers(1, 3), "n")):
         e = header["tensors"][data.draw(st.integers(0, len(header["tensors"]) - 1), "tensor")]
         key = data.draw(st.sampled_from(["shape", "offset", "length", "params", "step", "gg", "qcrc32", "crc32",
-                                         "dtype", "encoding", "coder"]), "key")
+                                         "dtype", "encoding", "coder", "n", "chunks", "table", "of"]), "key")
+        chunks = e["chunks"] if isinstance(e.get("chunks"), list) else []
+        inner = [c for c in chunks if isinstance(c, dict)] + ([e["table"]] if isinstance(e.get("table"), dict) else [])
+        if key in ("offset", "length", "params", "qcrc32", "crc32", "n") and inner and data.draw(st.booleans()):
+            e = inner[data.draw(st.integers(0, len(inner) - 1), "inner")]
         if key == "params" and isinstance(e.get("params"), dict) and e["params"] and data.draw(st.booleans()):
             e["params"][data.draw(st.sampled_from(sorted(e["params"])))] = data.draw(st.integers(-(2**41), 2**41))
         else:

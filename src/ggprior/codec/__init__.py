@@ -7,13 +7,24 @@
 * :mod:`.histogram`, :mod:`.ggmodel` - histograms and the GG model of quantized integers;
 * :mod:`.registry` - the coder names and one ``encode``/``decode`` interface over them;
 * :mod:`.lengths` - code lengths of a whole model from histograms (:func:`measure`);
-* :mod:`.container` - the ``.ggz`` file (:func:`save_compressed`, :func:`load_compressed`).
+* :mod:`.rans` - the table-driven rANS coder (integer frequency tables stored in the file);
+* :mod:`.container` - the ``.ggz`` file (:func:`save_compressed`, :func:`load_compressed`);
+* :mod:`.checkpoint` - a ``.ggz`` back to a Hugging Face folder or a model (:func:`decompress`, :func:`from_pretrained`).
 
 Imports ``gg`` and ``io`` only.
 """
 
 from .bits import CodingError
-from .container import ContainerError, inspect_rows, load_compressed, load_integers, read_header, save_compressed
+from .checkpoint import decompress, from_pretrained
+from .container import (
+    ContainerError,
+    inspect_rows,
+    load_compressed,
+    load_integers,
+    read_header,
+    save_compressed,
+    stored_bytes,
+)
 from .histogram import Histogram, histogram
 from .lengths import measure, quantized_state_dict, summarize, tensor_bits
 from .quantizer import QuantError, QuantizedTensor, dequantize, quantize, quantize_tensor

@@ -11,16 +11,16 @@ builds the histogram of the integers and computes, without writing any bitstream
 ``huffman``     exact Huffman code on the tensor's histogram (unrestricted lengths)
 ``entropy``     empirical zeroth-order entropy of the histogram (ideal, no side info)
 ``gg``          ideal code length -log2 P(bin) under the fitted GG (no side info)
-``ans``         rANS under the fitted GG: cross-entropy of the coder's model + 64 bits
-``ans-hist``    rANS under the histogram: cross-entropy of the coder's model + 64 bits
+``ans``         rANS under the fitted GG: cross-entropy of the stored frequency table + 128 bits
+``ans-hist``    rANS under the histogram: cross-entropy of the stored frequency table + 128 bits
 ==============  =====================================================================
 
 Side information counted per quantized tensor (bits), matching what the ``.ggz`` file
 needs to decode the integers given the tensor's shape: step 32 for every coder, plus
 FL: qmin 32 + width 8; EG: k 8; Huffman: qmin 32 + alphabet size 32 + 5 per symbol of the
-range (the canonical length table); ans: mu, beta, gamma 96 + range 64; ans-hist: range 64
-+ k 8 + table size 32 + the Exp-Golomb-coded count table. ``entropy`` and ``gg`` are ideal
-figures and carry none. Names, shapes and dtypes are not counted (every format, including
+range (the canonical length table); ans and ans-hist: range 64 + prob_bits 8 + the packed
+integer frequency table (``rans.pack_freqs``), as in a version-2 file. ``entropy`` and ``gg`` are ideal
+figures and carry none. Tensors sharing memory (tied weights) are counted once. Names, shapes and dtypes are not counted (every format, including
 the FL reference and safetensors, needs them). Tensors left unquantized (``include``) are
 counted at their original size in the whole-model figures (``model_bytes_*``, ``model_ratio_*``).
 
@@ -42,15 +42,15 @@ from torch import nn
 from tqdm import tqdm
 
 from ..io.sources import floating_names, open_source
-from . import ans, expgolomb, fixed, ggmodel, huffman
+from . import expgolomb, fixed, ggmodel, huffman, rans
 from . import quantizer as quant
 from .histogram import Histogram
-from .registry import IDEAL, MEASURES, check_coder, column
+from .registry import IDEAL, MEASURES, check_coder, column, rans_table
 
 STEP_BITS = 32
-GG_BITS = 96
 RANGE_BITS = 64
-ANS_OVERHEAD_BITS = ans.OVERHEAD_BITS
+ANS_OVERHEAD_BITS = 8 * rans.HEADER_BYTES
+"""The rANS stream's final states (4 x 32 bits), counted whole: they start at L = 2^16 and carry a few bits only."""
 
 
 def _dtype_bits(dtype: torch.dtype) -> int:
@@ -77,24 +77,22 @@ def tensor_bits(h: Histogram, coders: Sequence[str], *, eg_k: int = 0, gg: ggmod
             out[c] = huffman.total_bits_hist(h) + RANGE_BITS + huffman.LEN_BITS * nsym_range
         elif c == "entropy":
             out[c] = h.entropy_bits()
-        elif c in ("gg", "ans"):
-            p = gg if gg is not None else ggmodel.fit(h)
-            if c == "gg":
-                out[c] = ggmodel.ideal_bits(h, p)
-            else:
-                qmin, nsym = ans._alphabet(h)
-                probs = ans.gg_probs(qmin, nsym, p)
-                out[c] = ans.ideal_bits(h, probs, qmin) + ANS_OVERHEAD_BITS + GG_BITS + RANGE_BITS
-        elif c == "ans-hist":
-            qmin, nsym = ans._alphabet(h)
-            dense = np.zeros(nsym, dtype=np.int64)
-            dense[h.symbols - qmin] = h.counts
-            _, table = expgolomb.best_order(dense, np.ones(nsym, dtype=np.int64), signed=False)
-            probs = dense.astype(np.float64) if n else np.ones(nsym)
-            out[c] = ans.ideal_bits(h, probs, qmin) + ANS_OVERHEAD_BITS + RANGE_BITS + 8 + 32 + 8 * math.ceil(table / 8)
+        elif c == "gg":
+            out[c] = ggmodel.ideal_bits(h, gg if gg is not None else ggmodel.fit(h))
+        elif c in ("ans", "ans-hist"):
+            out[c] = rans_bits(h, c, gg) if n else 0
         else:
             raise ValueError(f"unknown coder {c!r}; choose from {', '.join(MEASURES)}")
     return out
+
+
+def rans_bits(h: Histogram, coder: str, gg: ggmodel.GGParams | None = None) -> float:
+    """Bits of a ``.ggz`` (version 2) rANS tensor: cross-entropy under its stored integer frequency
+    table, plus the table, its range and prob_bits, and the coder's final states (one chunk)."""
+    qmin, f = rans_table(coder, h, gg if gg is not None else ggmodel.fit(h))
+    p = f[h.symbols - qmin].astype(np.float64) / float(1 << rans.PROB_BITS)
+    payload = float(-(h.counts * np.log2(p)).sum())
+    return payload + ANS_OVERHEAD_BITS + RANGE_BITS + 8 + 8 * len(rans.pack_freqs(f))
 
 
 def _check_coders(coders: Sequence[str]) -> list[str]:
@@ -133,7 +131,8 @@ def measure(
     step, bits, rel_error = quant.resolve_rule(step, bits, rel_error)
     cs = _check_coders(coders)
     src = open_source(source)
-    names = floating_names(src)
+    aliases = src.aliases()  # tied weights: stored and counted once
+    names = [k for k in floating_names(src) if k not in aliases]
     if not names:
         raise ValueError(f"{src.label}: no floating-point tensors to measure")
     rows: list[dict] = []

