@@ -14,6 +14,7 @@ STEP_HELP = "quantization step for every tensor"
 BITS_HELP = "per-tensor step of a symmetric fixed-length quantizer of this many bits (default 10)"
 REL_HELP = "per-tensor step giving this relative RMS error"
 SELECT_HELP = "quantize 'all' floating tensors, or only 'matrices' (norms and biases kept exact)"
+JOBS_HELP = "threads coding chunks (default: every core)"
 INCLUDE_GONE = "use --select all|matrices (--include is a tensor-name regex, as in ggprior quantize)"
 
 
@@ -47,43 +48,49 @@ def compress_cmd(
     select: str = typer.Option("all", "--select", help=SELECT_HELP),
     gg_fit: str = typer.Option("moment", "--gg-fit", help="GG fit for --coder ans: moment or ml"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    jobs: int = typer.Option(None, "--jobs", min=1, help=JOBS_HELP),
     old_include: str = typer.Option(None, "--include", hidden=True),
 ) -> None:
-    """Quantize and entropy-code a model into a .ggz file."""
+    """Quantize and entropy-code a model into a .ggz file (a folder's config and tokenizer files go inside)."""
     renamed(old_include, "--include", INCLUDE_GONE)
     check_output(out, (source,), overwrite=overwrite)
-    from ..codec import save_compressed
+    from ..codec import save_compressed, stored_bytes
 
     try:
         header = save_compressed(source, out, coder=coder, include=_select(select), gg_fit=gg_fit, progress=True,
-                                 **_step_args(step, bits, rel_error))
+                                 jobs=jobs, **_step_args(step, bits, rel_error))
     except _errors() as e:
         fail(str(e))
     q = [e for e in header["tensors"] if e["encoding"] == "quantized"]
     n = sum(_numel(e) for e in q)
-    qbytes = sum(e["length"] for e in q)
+    qbytes = sum(stored_bytes(e) for e in q)
+    tied = sum(e["encoding"] == "alias" for e in header["tensors"])
     console.print(f"wrote {out}: {header['file_bytes']:,} bytes; {len(q)} quantized tensors, {n:,} weights at "
                   f"{8 * qbytes / max(n, 1):.4f} bits/weight ({coder}); "
-                  f"{len(header['tensors']) - len(q)} tensors stored raw")
+                  f"{len(header['tensors']) - len(q) - tied} tensors stored raw; {tied} tied to another (stored once); "
+                  f"{len(header['files'])} side files")
 
 
 @app.command("decompress")
 def decompress_cmd(
     source: Path = typer.Argument(..., help="input .ggz file"),
-    out: Path = typer.Argument(..., help="output .safetensors file"),
+    out: Path = typer.Argument(..., help="output folder (transformers loads it as it is), or a .safetensors file"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    max_shard_size: str = typer.Option("50GB", "--max-shard-size", help="shard the weights above this size (5GB, 500MB)"),
+    jobs: int = typer.Option(None, "--jobs", min=1, help=JOBS_HELP),
+    max_bytes: str = typer.Option(None, "--max-bytes", help="refuse a file that decodes to more (default: the RAM size)"),
 ) -> None:
-    """Decode a .ggz file into a safetensors file (dequantized weights, original dtypes)."""
+    """Decode a .ggz file into a Hugging Face folder or a safetensors file (original dtypes)."""
     check_output(out, (source,), overwrite=overwrite)
-    from ..codec import load_compressed
-    from ..io import save_tensors
+    from ..codec import decompress
+    from ..io import parse_size
 
     try:
-        sd = load_compressed(source)
-        save_tensors(sd, out, metadata={"ggprior_source": str(source)})
+        files = decompress(source, out, max_shard_size=max_shard_size, overwrite=overwrite, jobs=jobs,
+                           max_bytes=None if max_bytes is None else parse_size(max_bytes), progress=True)
     except _errors() as e:
         fail(str(e))
-    console.print(f"wrote {out}: {len(sd)} tensors")
+    console.print(f"wrote {out}: {len(files)} files")
 
 
 @app.command("inspect")
