@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..io.atomic import atomic_dir, atomic_path
 from ..io.tensors import DEFAULT_MAX_SHARD, SafetensorsWriter, plan_shards
-from .container import DTYPES, ContainerError, Reader
+from .container import DTYPES, ContainerError, Reader, written
 
 INDEX = "model.safetensors.index.json"
 
@@ -55,33 +55,33 @@ def decompress(
             if out.exists() and not overwrite:
                 raise FileExistsError(f"{out}: already exists (pass --overwrite / overwrite=True to replace it)")
             specs = [(e["name"], DTYPES[e["dtype"]][0], tuple(e["shape"])) for e in entries]
-            with atomic_path(out) as tmp:
+            with written(out), atomic_path(out) as tmp:
                 _write_file(r, tmp, specs, meta, bar.update)
             bar.close()
             return [out]
         files = r.files()
         specs = [(e["name"], DTYPES[e["dtype"]][0], tuple(e["shape"])) for e in entries if e["encoding"] != "alias"]
         shards = plan_shards(specs, max_shard_size)
-        written = []
-        with atomic_dir(out, overwrite=overwrite) as tmp:
+        done = []
+        with written(out), atomic_dir(out, overwrite=overwrite) as tmp:
             for name, data in files.items():
                 if name == INDEX or name.endswith(".safetensors"):
                     raise ContainerError(f"{path}: stored file {name!r} would clash with the weights")
                 (tmp / name).write_bytes(data)
-                written.append(out / name)
+                done.append(out / name)
             names = (["model.safetensors"] if len(shards) == 1 else
                      [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
             for fname, shard in zip(names, shards, strict=True):
                 _write_file(r, tmp / fname, shard, meta, bar.update)
-                written.append(out / fname)
+                done.append(out / fname)
             if len(shards) > 1:
                 total = sum(dt.itemsize * _numel(shape) for _, dt, shape in specs)
                 index = {"metadata": {"total_size": total},
                          "weight_map": {n: f for f, shard in zip(names, shards, strict=True) for n, _, _ in shard}}
                 (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-                written.append(out / INDEX)
+                done.append(out / INDEX)
         bar.close()
-        return written
+        return done
 
 
 def _numel(shape: tuple[int, ...]) -> int:

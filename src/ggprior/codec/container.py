@@ -27,6 +27,7 @@ chunk by chunk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -97,6 +98,17 @@ def default_max_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 36
+
+
+@contextlib.contextmanager
+def written(path: str | os.PathLike) -> Iterator[None]:
+    """Name ``path`` in an OSError raised while writing it (a full disk says which output failed)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or str(path) in str(err):
+            raise
+        raise OSError(err.errno, f"{path}: cannot write ({err.strerror or err})") from err
 
 
 def _crc(data: bytes | memoryview | np.ndarray) -> int:
@@ -270,7 +282,7 @@ def save_compressed(
     entries: list[dict] = []
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path.parent) as f, ThreadPoolExecutor(jobs or default_jobs()) as pool:
+    with written(path), tempfile.TemporaryFile(dir=path.parent) as f, ThreadPoolExecutor(jobs or default_jobs()) as pool:
         spool = _Spool(f)
         for name in tqdm(list(src), desc="compress", disable=not progress, leave=False):
             _check_name(name, where)
@@ -302,7 +314,7 @@ def save_compressed(
         if len(hbytes) > HEADER_MAX:
             raise ContainerError(f"{path}: header of {len(hbytes)} bytes exceeds the {HEADER_MAX}-byte cap")
         f.seek(0)
-        with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        with written(path), atomic_path(path) as tmp, open(tmp, "wb") as out:
             out.write(PREFIX.pack(MAGIC, VERSION, len(hbytes), _crc(hbytes)))
             out.write(hbytes)
             shutil.copyfileobj(f, out, 1 << 22)
