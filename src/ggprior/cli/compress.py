@@ -96,7 +96,7 @@ def decompress_cmd(
 @app.command("inspect")
 def inspect_cmd(
     source: Path = typer.Argument(..., help="a .ggz file"),
-    out: Path = typer.Argument(None, help="also write the table (json/csv/md) to this folder"),
+    out: Path = typer.Argument(None, metavar="OUT", help="also write the table (json/csv/md) to this folder"),
     old_out: Path = typer.Option(None, "--out", hidden=True),
 ) -> None:
     """Per-tensor table of a .ggz file: shape, coder, bits/weight, step, GG parameters."""
@@ -125,8 +125,8 @@ def inspect_cmd(
 
 @app.command("measure")
 def measure_cmd(
-    source: str = typer.Argument(None, help="a .safetensors file, a HF folder, a .bin/.pt state dict, or minilm"),
-    out: Path = typer.Argument(None, help="output folder"),
+    source: str = typer.Argument(None, metavar="SOURCE", help="a .safetensors file, a HF folder, a .bin/.pt state dict, or minilm"),
+    out: Path = typer.Argument(None, metavar="OUT", help="output folder"),
     step: float = typer.Option(None, "--step", help=STEP_HELP),
     bits: int = typer.Option(None, "--bits", help=BITS_HELP),
     rel_error: float = typer.Option(None, "--rel-error", help=REL_HELP),

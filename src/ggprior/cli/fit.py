@@ -16,8 +16,8 @@ USAGE = "ggprior fit SOURCE OUT [options]"
 
 @app.command("fit")
 def fit_cmd(
-    source: str = typer.Argument(None, help="a .safetensors file, a HF folder, or a built-in name (minilm)"),
-    out: Path = typer.Argument(None, help="output folder (fit.{json,csv,md} and plots)"),
+    source: str = typer.Argument(None, metavar="SOURCE", help="a .safetensors file, a HF folder, or a built-in name (minilm)"),
+    out: Path = typer.Argument(None, metavar="OUT", help="output folder (fit.{json,csv,md} and plots)"),
     mle: bool = typer.Option(False, "--mle", help="refine each tensor's fit by maximum likelihood"),
     plots: int = typer.Option(4, "--plots", help="plot the pooled rows and this many largest tensors"),
     gof_values: int = typer.Option(1 << 20, "--gof-values", help="values used for goodness of fit per row"),

@@ -13,8 +13,8 @@ USAGE = "ggprior pipeline [TASK] [OUT] [options]"
 
 @app.command("pipeline")
 def pipeline_cmd(
-    task: str = typer.Argument("sentiment", help="sentiment, spam or topic"),
-    out: Path = typer.Argument(Path("runs/pipeline"), help="output folder (stages cached here)"),
+    task: str = typer.Argument("sentiment", metavar="TASK", help="sentiment, spam or topic"),
+    out: Path = typer.Argument(Path("runs/pipeline"), metavar="OUT", help="output folder (stages cached here)"),
     size: str = typer.Option("default", "--size", help="default (minutes) or tiny (a smoke run)"),
     epochs: int = typer.Option(None, "--epochs", help="training epochs of each model"),
     gamma: float = typer.Option(None, "--gamma", help="shape of the GG initialization"),

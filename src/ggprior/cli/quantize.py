@@ -17,8 +17,8 @@ USAGE = "ggprior quantize SOURCE OUT --format F [options]"
 
 @app.command("quantize")
 def quantize_cmd(
-    source: str = typer.Argument(None, help="a .safetensors file, a HF folder, a .bin/.pt state dict, or minilm"),
-    out: Path = typer.Argument(None, help="output folder (quantized.safetensors and a per-tensor table)"),
+    source: str = typer.Argument(None, metavar="SOURCE", help="a .safetensors file, a HF folder, a .bin/.pt state dict, or minilm"),
+    out: Path = typer.Argument(None, metavar="OUT", help="output folder (quantized.safetensors and a per-tensor table)"),
     fmt: str = typer.Option(..., "--format", help=f"one of {', '.join(FORMATS)}"),
     include: str = typer.Option(None, "--include", help="only tensors whose name matches this regex"),
     exclude: str = typer.Option(None, "--exclude", help="keep tensors whose name matches this regex as they are"),

@@ -15,8 +15,8 @@ USAGE = "ggprior train TASK OUT [options]"
 
 @app.command("train")
 def train_cmd(
-    task: str = typer.Argument(None, help="sentiment, spam, topic, bbc-lm or dialog-lm"),
-    out: Path = typer.Argument(None, help="output folder"),
+    task: str = typer.Argument(None, metavar="TASK", help="sentiment, spam, topic, bbc-lm or dialog-lm"),
+    out: Path = typer.Argument(None, metavar="OUT", help="output folder"),
     model: str = typer.Option("bert", "--model", help="bert, gpt2, llama or minilm (pretrained)"),
     init: str = typer.Option("he", "--init", help=f"weight init: {', '.join(INIT_SCHEMES)}"),
     gamma: float = typer.Option(2.0, "--gamma", help="GG shape for --init gg"),

@@ -197,7 +197,7 @@ def model_for_task(
 
     ``"minilm"``: all-MiniLM-L6-v2 with a fresh classification head and its WordPiece
     tokenizer. Any other source (a safetensors file, a state dict) needs ``arch`` (bert, gpt2,
-    llama at ``scale``): the model is built as ``ggprior.models.build_model`` builds it for the
+    llama at ``scale``): the model is built as :func:`build_model` builds it for the
     task, with the task's BPE tokenizer of ``vocab_size`` tokens, and the weights are loaded
     strictly (missing or unexpected tensors are named in the error).
     """

@@ -17,7 +17,7 @@ Compression figures (SPEC.md section 4, OPEN points decided here):
   and biases are kept exact and counted at 32 bits in the whole-model sizes.
 - Coders: FL (width covering each tensor's integer range), EG (best order per tensor), HM
   (Huffman), ANS (rANS under the fitted GG), and the empirical entropy (ideal). Side
-  information is counted as in :func:`ggprior.compression.measure`.
+  information is counted as in :func:`ggprior.codec.measure`.
 """
 
 from __future__ import annotations
