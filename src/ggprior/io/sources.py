@@ -234,7 +234,8 @@ def open_source(source: str | os.PathLike | nn.Module | Mapping[str, torch.Tenso
         return DictSource(source)
     text = os.fspath(source)
     if text in BUILTIN_MODELS:
-        return SafetensorsSource(*_folder_files(builtin_model_dir(text)), label=text)
+        files, index = _folder_files(builtin_model_dir(text))
+        return SafetensorsSource(files, label=text, index=index)
     path = Path(text)
     if not path.exists():
         known = ", ".join(BUILTIN_MODELS)
