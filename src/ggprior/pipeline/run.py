@@ -305,7 +305,7 @@ def stage_compress(ctx: Context, variant: str, upstream: str) -> dict:
         decoded = None
         for coder in c.coders:
             path = folder / f"{variant}.{coder}.ggz"
-            container.save_compressed(model, path, coder=coder, bits=c.bits)
+            container.save_compressed(model, path, coder=coder, bits=c.bits, files={})  # weights only, like the other formats
             sd = container.load_compressed(path)
             if decoded is None:
                 decoded = sd
