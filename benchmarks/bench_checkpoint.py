@@ -3,7 +3,8 @@
 Writes a Hugging Face style folder of ``--gb`` GB of bf16 weights (``--tensors`` tensors of
 ``--values`` values each, GG-like, ``--shard-gb`` shards with a ``model.safetensors.index.json``),
 then runs ``ggprior compress`` and ``ggprior decompress`` (to a folder) in fresh subprocesses with
-``--jobs 1`` and ``--jobs`` = every core. For each run: wall time, CPU time, weights/s and the
+``--jobs 1`` and ``--jobs`` = every core (torch's own intra-op threads set to 1, so ``--jobs`` is
+the only parallelism). For each run: wall time, CPU time, weights/s and the
 peak RSS of the subprocess (``ru_maxrss`` from ``os.wait4``), against the goal peak RSS <= 0.5 GB
 + 4 x the largest tensor's float32 size; the decode speedup of all jobs over one job against the
 goal >= 1.8x on 2 cores. The decoded folder is checked against the quantized source on one tensor.
@@ -58,7 +59,8 @@ def write_checkpoint(folder: Path, tensors: int, values: int, shard_bytes: float
 def run(cmd: list[str]) -> dict:
     """Run ``cmd`` in a subprocess; wall time, CPU time and peak RSS (bytes) of that process."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # parallelism is --jobs alone
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     err = p.stderr.read().decode() if p.stderr else ""
@@ -110,7 +112,8 @@ def main() -> None:
                         "torch": torch.__version__},
             "checkpoint": {"dtype": "bfloat16", "tensors": args.tensors, "values": n, "gb": round(2 * n / GB, 3),
                            "largest_tensor_values": largest, "seed": args.seed, "write_s": round(write_s, 1)},
-            "defaults": "ggprior compress (coder ans, bits 10, chunks of 4M values); decompress to a folder, 1GB shards",
+            "defaults": "ggprior compress (coder ans, bits 10, chunks of 4M values); decompress to a folder, 1GB shards; "
+                        "OMP_NUM_THREADS=1",
             "goal_peak_rss_gb": round(goal_rss, 3),
             "runs": rows,
             "files_identical_across_jobs": same,
