@@ -195,16 +195,16 @@ def _bomb(path: Path, chunks: int) -> int:
     freqs = rans.quantize_freqs(np.array([n, 0], dtype=np.int64))
     data = rans.encode(np.zeros(n, dtype=np.int32), freqs)
     table = rans.pack_freqs(freqs)
-    qcrc = container._qcrc(np.zeros(n, dtype=np.int32))
+    qcrc = container.qcrc(np.zeros(n, dtype=np.int32))
     body = table + data * chunks
     entry = {"name": "z", "shape": [chunks * n], "dtype": "float32", "encoding": "quantized", "coder": "ans-hist",
              "step": 1.0, "table": {"qmin": 0, "nsym": 2, "prob_bits": rans.PROB_BITS, "offset": 0,
-                                    "length": len(table), "crc32": container._crc(table)},
+                                    "length": len(table), "crc32": container.crc(table)},
              "chunks": [{"n": n, "params": {}, "qcrc32": qcrc, "offset": len(table) + i * len(data),
-                         "length": len(data), "crc32": container._crc(data)} for i in range(chunks)]}
+                         "length": len(data), "crc32": container.crc(data)} for i in range(chunks)]}
     header = json.dumps({"format": container.FORMAT, "version": 2, "data_bytes": len(body), "metadata": {},
                          "tensors": [entry], "files": []}).encode()
-    path.write_bytes(container.PREFIX.pack(container.MAGIC, 2, len(header), container._crc(header)) + header + body)
+    path.write_bytes(container.PREFIX.pack(container.MAGIC, 2, len(header), container.crc(header)) + header + body)
     return chunks * n * 4
 
 
@@ -330,6 +330,6 @@ def test_disk_full_while_compressing(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(container.shutil, "copyfileobj", full)
+    monkeypatch.setattr("shutil.copyfileobj", full)
     _one_line_error(["compress", str(src), str(tmp_path / "o.ggz")], "o.ggz", "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]

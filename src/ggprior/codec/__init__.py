@@ -8,7 +8,8 @@
 * :mod:`.registry` - the coder names and one ``encode``/``decode`` interface over them;
 * :mod:`.lengths` - code lengths of a whole model from histograms (:func:`measure`);
 * :mod:`.rans` - the table-driven rANS coder (integer frequency tables stored in the file);
-* :mod:`.container` - the ``.ggz`` file (:func:`save_compressed`, :func:`load_compressed`);
+* :mod:`.header`, :mod:`.writer`, :mod:`.container` - the ``.ggz`` file: format and checks, writing,
+  reading and the public API (:func:`save_compressed`, :func:`load_compressed`);
 * :mod:`.checkpoint` - a ``.ggz`` back to a Hugging Face folder or a model (:func:`decompress`, :func:`from_pretrained`).
 
 Imports ``gg`` and ``io`` only.
