@@ -117,6 +117,9 @@ def test_pretrained_model_in_tied_weights_once_and_load_into_model(tmp_path):
     rows, summary = measure(m, bits=10)
     assert "lm_head.weight" not in {r["name"] for r in rows}
     assert summary["weights"] == sum(v.numel() for v in sd.values() if v.dtype.is_floating_point)
+    for device in (None, "meta"):  # an alias is its target's tensor object, on any device
+        sd2 = load_compressed(ggz, device=device)
+        assert sd2["lm_head.weight"] is sd2["transformer.wte.weight"]
     # load_compressed(model=) fills a fresh model, tied weights stay tied
     fresh = transformers.GPT2LMHeadModel(cfg).eval()
     missing, unexpected = load_compressed(ggz, model=fresh)

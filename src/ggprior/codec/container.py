@@ -262,14 +262,15 @@ def load_compressed(
     tensor on any damage.
     """
     with Reader(path, max_bytes=max_bytes, jobs=jobs) as r:
-        sd = {k: t if device is None else t.to(device) for k, t in r.tensors()}
+        moved: dict[int, torch.Tensor] = {}  # an alias stays the same tensor on the device too
+        sd = {k: t if device is None else moved.setdefault(id(t), t.to(device)) for k, t in r.tensors()}
     if model is not None:
         return load_into(model, sd, strict=strict)
     return sd
 
 
 def load_integers(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, float]]:
-    """The quantized tensors of a .ggz file as ``name -> (integers in shape, step)``."""
+    """The quantized tensors of a .ggz file as ``name -> (int32 integers in shape, step)``."""
     with Reader(path) as r:
         return {e["name"]: (torch.from_numpy(r.integers(e["name"])).reshape(tuple(e["shape"])), e["step"])
                 for e in r.header["tensors"] if e["encoding"] == "quantized"}
