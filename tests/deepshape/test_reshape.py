@@ -411,3 +411,30 @@ def test_minilm_every_matrix_hits_its_target():
         assert r.after_core.beta == pytest.approx(r.target[1], rel=0.01), r.name
         assert r.after.std < 0.75 * r.before.std, r.name
         assert r.entropy_after < r.entropy_before
+
+
+@given(st.integers(2, 300), st.floats(0.0, 0.99), st.floats(1e-7, 1.0), st.sampled_from(["scale", "keep", "reshape"]),
+       st.sampled_from([1e-3, 0.5, 1.0, 1, 3]), st.sampled_from([BIN_WIDTH, 1e-3, 1e-6]), st.floats(0.2, 3.0),
+       st.floats(0.1, 2.0), st.integers(0, 2**16))
+def test_sparse_inputs_raise_value_error_or_reshape(n, zeros, scale, tails, n_min, bin_width, kg, kb, seed):
+    """Issue 16 item 5: sparse input raised IndexError (fractional n_min on one-value bins) and a fine grid
+    OverflowError; the promise is ValueError."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * scale
+    x[torch.rand(n, generator=g) < zeros] = 0.0
+    try:
+        y, _ = reshape_values(x, kg, kb, n_min=n_min, tails=tails, bin_width=bin_width)
+    except ValueError:
+        return
+    assert y.shape == x.shape and bool(torch.isfinite(y).all())
+
+
+def test_fine_bin_width_is_refused_before_allocating(tmp_path):
+    """Issue 16 item 5: --bin-width 1e-12 tried to allocate 1.87 TB."""
+    x = torch.randn(50_000, generator=torch.Generator().manual_seed(0)) * 0.05
+    with pytest.raises(ValueError, match="bins of width 1e-12; use a larger bin width"):
+        reshape_values(x, 1.1, 0.7, bin_width=1e-12, name="w")
+    src, out = tmp_path / "m.safetensors", tmp_path / "o.safetensors"
+    save_file({"w": x.reshape(500, 100)}, str(src))
+    res = CliRunner().invoke(app, ["deepshape", str(src), str(out), "--bin-width", "1e-12"])
+    assert res.exit_code == 1 and "larger bin width" in res.output and not out.exists()

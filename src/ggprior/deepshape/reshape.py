@@ -64,6 +64,8 @@ TAILS = ("scale", "keep", "reshape")
 SELECT = ("matrices", "linear", "all")
 MIN_NUMEL = 4096
 MIN_BETA_BINS = 4
+MAX_BINS = 1 << 24
+"""Most bins one remap may span (a float64 edge per bin: 128 MiB); a finer grid is refused, not allocated."""
 
 
 @dataclass
@@ -178,12 +180,15 @@ def _resolve_n_min(n_min: int | float, peak: int, name: str) -> int:
     if isinstance(n_min, float):
         if not 0.0 < n_min <= 1.0:
             raise ValueError(f"{name}: a fractional n_min must lie in (0, 1], got {n_min}")
-        return max(2, math.ceil(n_min * peak))
-    if n_min < 1:
+        count = max(2, math.ceil(n_min * peak))
+    elif n_min < 1:
         raise ValueError(f"{name}: n_min must be >= 1, got {n_min}")
-    if n_min > peak:
-        raise ValueError(f"{name}: no bin holds n_min={n_min} values (the fullest holds {peak})")
-    return n_min
+    else:
+        count = n_min
+    if count > peak:
+        raise ValueError(f"{name}: no bin holds n_min={count} values (the fullest holds {peak}); too sparse for "
+                         "this bin width")
+    return count
 
 
 def _check_args(k_gamma: float, k_beta: float, bin_width: float, tails: str, rounding: str) -> None:
@@ -302,8 +307,14 @@ def reshape_values(
     else:
         q = torch.tensor([max(r0, 0.5) / n, 1.0 - max(n - r1, 0.5) / n], dtype=torch.float64)
         lo_t, hi_t = (float(t) for t in gg.ppf(q, mu, beta_t, gamma_t))
+        if not (abs(lo_t) + abs(hi_t)) / w < MAX_BINS:
+            raise ValueError(f"{name}: the target range [{lo_t:.4g}, {hi_t:.4g}] needs more than {MAX_BINS:,} bins "
+                             f"of width {w:.4g}; use a larger bin width")
         a2, b2 = round(lo_t / w + 0.5), round(hi_t / w + 0.5) - 1
     lo_edge, hi_edge = (a2 - 0.5) * w, (b2 + 0.5) * w
+    if b2 - a2 >= MAX_BINS:
+        raise ValueError(f"{name}: the remapped range needs {b2 - a2 + 1:,} bins of width {w:.4g} "
+                         f"(at most {MAX_BINS:,}); use a larger bin width")
     if b2 < a2 or not lo_edge < mu < hi_edge:
         raise ValueError(
             f"{name}: target beta {beta_t:.4g} is too narrow for bin width {w:.4g}; use a smaller bin width"
