@@ -117,3 +117,12 @@ def test_gg_beta_matches_eq6():
     gamma, fan, xi = 0.7, 768, 2.0
     expect = math.sqrt(xi / fan * math.gamma(1 / gamma) / math.gamma(3 / gamma))
     assert gg_beta(gamma, fan, xi) == pytest.approx(expect, rel=1e-12)
+
+
+def test_gg_init_keeps_the_padding_row_zero():
+    """Issue 16 item 10: gg_init_ overwrote the padding_idx row of embeddings."""
+    model = nn.Sequential(nn.Embedding(50, 16, padding_idx=3), nn.Linear(16, 4))
+    gg_init_(model, gamma=0.5, generator=torch.Generator().manual_seed(0))
+    w = model[0].weight.detach()
+    assert float(w[3].abs().sum()) == 0.0
+    assert float(w[torch.arange(50) != 3].abs().min(dim=1).values.max()) > 0

@@ -151,6 +151,9 @@ def gg_init_(
             std = float(weight.detach().float().std())
             if std > 0:
                 gg_std_(weight, gamma, std=std, generator=generator)
+            if module.padding_idx is not None:  # as torch and transformers do: the padding row stays zero
+                with torch.no_grad():
+                    weight[module.padding_idx].zero_()
         elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_conv1d(module):
             transposed = is_conv1d(module) or isinstance(module, nn.modules.conv._ConvTransposeNd)
             gg_(weight, gamma, nonlinearity, a, mode, generator, transposed=transposed)
