@@ -230,3 +230,24 @@ def test_save_quantized_file_with_empty_tensors(tmp_path):
     formats.save_quantized(src, out, "int8")
     back = formats.load_quantized(out)
     assert back["a"].shape == (0, 16) and back["b"].shape == (16, 0)
+
+
+def _mapped(path) -> bool:
+    with open("/proc/self/maps") as f:
+        return str(path) in f.read()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc")
+def test_loading_closes_the_safetensors_handle(tmp_path):
+    """Issue 16 item 10: safe_open handles were never closed (the file stayed mapped)."""
+    path = tmp_path / "q.safetensors"
+    formats.save_quantized({"w": weights(64, 32)}, path, "int8")
+    back = formats.load_quantized(path)
+    model = nn.Sequential(nn.Linear(32, 64))
+    formats.save_quantized_model(formats.to_format(model, "rf8"), tmp_path / "m.safetensors")
+    formats.load_quantized_model(nn.Sequential(nn.Linear(32, 64)), tmp_path / "m.safetensors")
+    assert not _mapped(path) and not _mapped(tmp_path / "m.safetensors")
+    assert float(back["w"].abs().sum()) > 0  # decoded tensors outlive the handle
+    with formats.open_quantized(path) as qf:
+        assert _mapped(path) and qf.entries
+    assert not _mapped(path)

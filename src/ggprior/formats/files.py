@@ -110,6 +110,16 @@ class QuantizedFile(NamedTuple):
             else None
         return QTensor(self.handle.get_tensor(name + "_codes"), scale)
 
+    def close(self) -> None:
+        """Close the safetensors handle (tensors already read stay valid)."""
+        self.handle.__exit__(None, None, None)
+
+    def __enter__(self) -> QuantizedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def plain_names(self) -> list[str]:
         """Names of the tensors stored as they are."""
         stored = {n + s for n in self.entries for s in ("_codes", "_scale")}
@@ -121,7 +131,8 @@ _ST_DTYPE = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": 
 
 def open_quantized(path: str | os.PathLike) -> QuantizedFile:
     """Open and validate a quantized safetensors file (metadata, names, dtypes and shapes are
-    checked before any tensor is read); ``ValueError`` naming the file and tensor otherwise."""
+    checked before any tensor is read); ``ValueError`` naming the file and tensor otherwise. Close it
+    (``with open_quantized(p) as qf:``) when done."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p}: no such file")
@@ -129,6 +140,14 @@ def open_quantized(path: str | os.PathLike) -> QuantizedFile:
         h = safe_open(str(p), framework="pt")
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{p}: not a readable safetensors file ({e})") from e
+    try:
+        return _validated(p, h)
+    except BaseException:
+        h.__exit__(None, None, None)
+        raise
+
+
+def _validated(p: Path, h) -> QuantizedFile:
     meta = h.metadata() or {}
     if META_KEY not in meta:
         raise ValueError(f"{p}: no {META_KEY!r} metadata; not a ggprior quantized file")
@@ -168,11 +187,11 @@ def _expect(p: Path, h, keys: set[str], key: str, dtype: torch.dtype, shape: tup
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a quantized file, quantized ones decoded (to their original dtype unless
     ``dtype`` is given), under the original names; aliases restored."""
-    qf = open_quantized(path)
-    out = {k: qf.handle.get_tensor(k) for k in qf.plain_names()}
-    for name, e in qf.entries.items():
-        d = dtype or getattr(torch, e.get("dtype", "float32"), torch.float32)
-        out[name] = FORMATS[e["format"]].dequantize(qf.qtensor(name), d)
+    with open_quantized(path) as qf:
+        out = {k: qf.handle.get_tensor(k) for k in qf.plain_names()}
+        for name, e in qf.entries.items():
+            d = dtype or getattr(torch, e.get("dtype", "float32"), torch.float32)
+            out[name] = FORMATS[e["format"]].dequantize(qf.qtensor(name), d)
     for alias, target in qf.aliases.items():
         out[alias] = out[target]
     return out
@@ -187,7 +206,11 @@ def load_quantized_model(model: nn.Module, path: str | os.PathLike, *, strict: b
     model tensor the file lacks, or a quantized tensor the model has no place for, is an error;
     other extra tensors in the file (e.g. old ``position_ids`` buffers) are ignored, as
     transformers does."""
-    qf = open_quantized(path)
+    with open_quantized(path) as qf:
+        return _load_into(model, qf, strict)
+
+
+def _load_into(model: nn.Module, qf: QuantizedFile, strict: bool) -> nn.Module:
     state: dict[str, torch.Tensor] = {k: qf.handle.get_tensor(k) for k in qf.plain_names()}
     for name, e in qf.entries.items():
         f, shape = FORMATS[e["format"]], tuple(e["shape"])
