@@ -220,7 +220,7 @@ def test_cli_errors_are_one_line(tmp_path):
         (["train", "sentiment", str(tmp_path), "--workers", "2", "--comm", "zip"], "unknown method 'zip'"),
         (["train", "sentiment", str(tmp_path), "--workers", "2", "--comm-rel-step", "0"], "rel_step"),
         (["train", "sentiment", str(tmp_path), "--workers", "2", "--rate", "l1", "--lam", "1"], "single-process"),
-        (["fit", "some.safetensors", str(tmp_path), "--activations"], "only the built-in 'minilm'"),
+        (["fit", "some.safetensors", str(tmp_path), "--activations"], "not a Hugging Face model folder"),
         (["gct", "--method", "gct"], "train TASK OUT --workers N --comm METHOD"),
     ]
     for args, message in cases:

@@ -58,3 +58,28 @@ def write_table(
         "csv": write_text(out / f"{stem}.csv", to_csv(rows, columns)),
         "md": write_text(out / f"{stem}.md", md),
     }
+
+
+def to_text(rows: Sequence[dict], columns: Sequence[str], width: int, digits: int = 4) -> str:
+    """A plain-text table of at most ``width`` characters a line, for a console or a pipe.
+
+    Every cell is printed whole (a number is never cut): the leading columns that fit are
+    shown, the first one always, and a last line names the columns left out.
+    """
+    cells = [[f"{r[c]:,}" if isinstance(r.get(c), int) and not isinstance(r.get(c), bool) else _fmt(r.get(c), digits)
+              for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    shown, used = 0, -2
+    while shown < len(columns) and (shown == 0 or used + 2 + widths[shown] <= width):
+        used += 2 + widths[shown]
+        shown += 1
+    numeric = [all(isinstance(r.get(c), int | float) or r.get(c) is None for r in rows) for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values[:shown], widths, numeric, strict=False)).rstrip()
+
+    out = [line(list(columns)), line(["-" * w for w in widths]), *(line(row) for row in cells)]
+    if shown < len(columns):
+        out.append(f"(not shown at width {width}: {', '.join(columns[shown:])})")
+    return "\n".join(out) + "\n"

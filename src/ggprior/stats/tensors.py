@@ -10,9 +10,12 @@ Rows (plain dicts, ready for :func:`ggprior.io.write_table`):
   with LayerNorm gains near 1 this pool is far from zero-centred and its gamma is tiny
   (MiniLM: about 0.08); read it beside ``__linear__``.
 
-Pooled fits are exact two-pass moment fits over all values (float64 sums, streamed).
-Goodness of fit of a row is measured on at most ``max_gof_values`` values: the whole tensor
-when it is smaller, else a seeded uniform subsample (pools sample each member in proportion).
+Every fit (tensor or pool) is an exact two-pass moment fit over all values (float64 sums,
+streamed; :func:`ggprior.gg.fit.centred_sums` is the one kernel): pass 1 sums each tensor
+(a pool adds its members' sums), pass 2 reads each tensor once more for the centred sums of
+the tensor and of its pools. Goodness of fit of a row is measured on at most
+``max_gof_values`` values (default 65,536): the whole tensor when it is smaller, else a seeded
+uniform subsample (pools sample each member in proportion).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def fit_model(
     *,
     mle: bool = False,
     gof: bool = True,
-    max_gof_values: int = 1 << 20,
+    max_gof_values: int = 1 << 16,
     names: list[str] | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -108,43 +111,41 @@ def fit_model(
     rows: list[dict] = []
     skipped: list[dict] = []
 
-    # Pass 1: per-tensor fits (streamed over chunks) and the pools' first moments.
-    for name in tqdm(names, desc="fit tensors", unit="tensor", disable=not progress):
+    # Pass 1: counts and sums of every tensor; a pool adds its members' sums.
+    accs: dict[str, gg.MomentAccumulator] = {}
+    member_of: dict[str, list[_Pool]] = {}
+    for name in tqdm(names, desc="fit pass 1", unit="tensor", disable=not progress):
         members = [MODEL_ROW, f"group:{tensor_group(name)}"]
         if is_linear_weight(name, len(src.shape(name))):
             members.append(LINEAR_ROW)
-        def chunks(name=name):
-            return src.iter_chunks(name)
+        acc = accs[name] = gg.MomentAccumulator(name)
+        for c in src.iter_chunks(name):
+            acc.add(c)
+        member_of[name] = [pools.setdefault(m, _Pool(gg.MomentAccumulator(f"{src.label} ({m})"))) for m in members]
+        for pool in member_of[name]:
+            pool.acc.add_sums(acc.n, acc.s1)
+            pool.members.append(name)
 
+    # Pass 2: centred moments of every tensor and pool around its own mean, and the GOF samples.
+    for name in tqdm(names, desc="fit pass 2", unit="tensor", disable=not progress):
+        acc, sample = accs[name], []
+        for c in src.iter_chunks(name):
+            c = c.reshape(-1).to(torch.float64)
+            for a in (acc, *(p.acc for p in member_of[name])):
+                a.add_centered(c)
+            if gof and c.numel():
+                sample.append(_subsample(c, max(1, max_gof_values * c.numel() // acc.n), gen))
+                for pool in member_of[name]:
+                    pool.sample.append(_subsample(c, max(1, max_gof_values * c.numel() // pool.acc.n), gen))
         extra = {"group": tensor_group(name), "shape": "x".join(map(str, src.shape(name)))}
         try:
-            fit = gg.fit(chunks, name=name, mle=mle)
+            fit = acc.fit()
         except ValueError as e:
-            if "NaN or Inf" in str(e):
-                raise
-            fit = None
             skipped.append({"name": name, **extra, "numel": src.numel(name), "note": str(e)})
-        member_pools = [pools.setdefault(m, _Pool(gg.MomentAccumulator(f"{src.label} ({m})"))) for m in members]
-        sample = []
-        for c in chunks():
-            for pool in member_pools:
-                pool.acc.add(c)
-            if gof and fit is not None:
-                sample.append(_subsample(c, max(1, max_gof_values * c.numel() // src.numel(name)), gen))
-        for pool in member_pools:
-            pool.members.append(name)
-        if fit is not None:
-            rows.append(_row(name, fit, torch.cat(sample) if sample else None, extra))
-
-    # Pass 2: the pools' centred moments around their own means, and their GOF samples.
-    for name in tqdm(names, desc="fit pools", unit="tensor", disable=not progress):
-        memberships = [p for p in pools.values() if name in p.members]
-        for c in src.iter_chunks(name):
-            for pool in memberships:
-                pool.acc.add_centered(c)
-                if gof:
-                    k = max(1, max_gof_values * c.numel() // pool.acc.n)
-                    pool.sample.append(_subsample(c, k, gen))
+            continue
+        if mle:
+            fit = gg.refine_mle(lambda name=name: src.iter_chunks(name), fit, name=name)
+        rows.append(_row(name, fit, torch.cat(sample) if sample else None, extra))
     pool_rows = []
     for key in [MODEL_ROW, LINEAR_ROW, *(f"group:{g}" for g in GROUPS)]:
         if key not in pools:
