@@ -245,3 +245,12 @@ def test_data_parallel_bert_gct_vs_allreduce():
     assert out["allreduce"]["comm"]["bytes_per_step"] == 4 * n
     assert 0 < out["gct"]["comm"]["bytes_per_step"] < 0.3 * 4 * n
     assert 0 <= out["gct"]["metrics"]["test"]["accuracy"] <= 1
+
+
+def test_gradient_quantization_divides_in_float64():
+    """Issue 16 item 10: x / step in float32 rounds some values to the wrong level (the weight quantizer
+    divides in float64); on 10^6 N(0, 1) values at step 0.0037 about ten differ."""
+    x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))
+    step = float(np.float32(0.0037))
+    want = torch.round(x.double() / step).to(torch.int64)
+    assert torch.equal(codec.rate_quantize(x, step), want)

@@ -47,7 +47,7 @@ def rate_quantize(x: torch.Tensor, step: float, lam: float = 0.0) -> torch.Tenso
     """Integers (int64) for ``x`` at ``step``: rounding, or the rate-constrained choice with ``lam > 0``."""
     if lam < 0:
         raise CodingError(f"rate weight lam must be >= 0, got {lam}")
-    u = x.detach().to(torch.float32) / check_step(step, "gradient")
+    u = x.detach().to(torch.float64) / check_step(step, "gradient")  # float64, as the weight quantizer
     if not bool(torch.isfinite(u).all()):
         raise CodingError("gradient holds NaN or Inf values; cannot quantize it")
     q0 = torch.round(u)
