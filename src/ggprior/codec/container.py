@@ -50,11 +50,13 @@ from .header import (  # noqa: F401  (the format's names, re-exported: container
     FORMAT,
     HEADER_MAX,
     MAGIC,
+    PIECE_VALUES,
     PREFIX,
     TABLE_CODERS,
     VERSION,
     VERSIONS,
     ContainerError,
+    chunk_bounds,
     crc,
     decoded_bytes,
     parse,
@@ -204,9 +206,10 @@ class Reader:
         out = torch.empty(math.prod(shape), dtype=dtype)
         bounds, decode = self._chunk_decoder(e)
 
-        def put(i: int) -> None:
-            a, b = bounds[i]
-            out[a:b] = quant.dequantize(torch.from_numpy(decode(i)), e["step"], dtype)
+        def put(i: int) -> None:  # dequantized a piece at a time: float64 temporaries of one piece only
+            q = torch.from_numpy(decode(i))
+            for a, b in chunk_bounds(q.numel(), PIECE_VALUES):
+                out[bounds[i][0] + a : bounds[i][0] + b] = quant.dequantize(q[a:b], e["step"], dtype)
 
         list(self._pool.map(put, range(len(bounds))))
         return out.reshape(shape)

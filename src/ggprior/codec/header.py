@@ -28,6 +28,8 @@ MAX_NUMEL = 1 << 40
 FORMAT = "ggprior.ggz"
 CHUNK_VALUES = 1 << 22
 """Values per chunk the writer uses (4M: 16 MB of int32 per chunk in flight per thread)."""
+PIECE_VALUES = 1 << 20
+"""Values a thread quantizes or dequantizes at once (8 MB of float64 temporaries)."""
 CHUNK_MAX = 1 << 24
 """Most values a reader accepts in one chunk."""
 TABLE_CODERS = ("ans", "ans-hist")
@@ -47,6 +49,11 @@ FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 class ContainerError(ValueError):
     """A .ggz file is damaged, truncated, or not a .ggz file; or a model cannot be written."""
+
+
+def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of consecutive pieces of at most ``size`` of ``n`` values."""
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
 
 
 def crc(data: bytes | memoryview | np.ndarray) -> int:

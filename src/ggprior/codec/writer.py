@@ -34,6 +34,7 @@ from .header import (
     FORMAT,
     HEADER_MAX,
     MAGIC,
+    PIECE_VALUES,
     PREFIX,
     TABLE_CODERS,
     VERSION,
@@ -41,6 +42,7 @@ from .header import (
     check_file_name,
     check_name,
     check_shape,
+    chunk_bounds,
     crc,
     qcrc,
 )
@@ -99,24 +101,20 @@ def _merge(hists: list[Histogram]) -> Histogram:
     return Histogram(sym, counts)
 
 
-def _chunks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(a, min(n, a + size)) for a in range(0, n, size)]
-
-
 def _encode_tensor(t: torch.Tensor, name: str, coder: str, rule: dict, gg_fit: str, pool: ThreadPoolExecutor,
                    spool: _Spool, chunk_values: int) -> dict:
     """Quantize (chunk by chunk, into one int32 array) and code one floating tensor."""
     s = quant.choose_step(t, name=name, **rule)
     flat = t.detach().reshape(-1)
-    bounds = _chunks(flat.numel(), chunk_values)
+    bounds = chunk_bounds(flat.numel(), chunk_values)
     q = np.empty(flat.numel(), dtype=np.int32)
 
-    def quantize_chunk(ab: tuple[int, int]) -> Histogram:
+    def quantize_piece(ab: tuple[int, int]) -> Histogram:  # float64/int64 temporaries of one piece only
         qc = quant.quantize(flat[ab[0] : ab[1]], s, name=name).numpy()
         q[ab[0] : ab[1]] = qc
         return histogram(qc)
 
-    hist = _merge(list(pool.map(quantize_chunk, bounds)))
+    hist = _merge(list(pool.map(quantize_piece, chunk_bounds(flat.numel(), PIECE_VALUES))))
     gg = ggmodel.fit(hist, gg_fit).as_float32()
     e: dict = {"encoding": "quantized", "coder": coder, "step": s, "gg": [gg.mu, gg.beta, gg.gamma]}
     freqs, qmin = None, 0
