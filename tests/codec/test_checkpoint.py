@@ -139,13 +139,18 @@ def test_pretrained_model_in_tied_weights_once_and_load_into_model(tmp_path):
     assert any(k.startswith("transformer.h.1.") for k in missing)
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("coder", ["fl", "eg", "huffman", "ans", "ans-hist"])
-def test_version_1_golden_files_still_read(coder):
-    """Files written once by the version-1 writer (tests/data) decode to the tensors stored beside them."""
-    path = DATA / f"v1_{coder}.ggz"
-    assert path.read_bytes()[8:12] == (1).to_bytes(4, "little")
-    got, want = load_compressed(path), load_file(str(DATA / f"v1_{coder}.decoded.safetensors"))
+def test_golden_files_still_read(coder, version):
+    """Files written once by the version-1 and version-2 writers (tests/data; v2: chunks of 100 values, a tied
+    tensor, a side file) decode to the tensors stored beside them, and v2 keeps its alias and file."""
+    path = DATA / f"v{version}_{coder}.ggz"
+    assert path.read_bytes()[8:12] == version.to_bytes(4, "little")
+    got, want = load_compressed(path), load_file(str(DATA / f"v{version}_{coder}.decoded.safetensors"))
     assert set(got) == set(want) and all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    if version == 2:
+        assert got["w_tied"] is got["w"]
+        assert container.Reader(path).files() == {"config.json": b'{"model_type": "golden"}\n'}
 
 
 def test_chunks_and_threads_give_the_same_tensors_and_bytes(tmp_path):
