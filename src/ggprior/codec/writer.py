@@ -103,16 +103,20 @@ def _merge(hists: list[Histogram]) -> Histogram:
 
 def _encode_tensor(t: torch.Tensor, name: str, coder: str, rule: dict, gg_fit: str, pool: ThreadPoolExecutor,
                    spool: _Spool, chunk_values: int) -> dict:
-    """Quantize (chunk by chunk, into one int32 array) and code one floating tensor."""
+    """Quantize and code one floating tensor in two passes over it, so no whole-tensor integers are held:
+    the histogram (piece by piece), then each chunk quantized again and coded (chunks in parallel)."""
     s = quant.choose_step(t, name=name, **rule)
     flat = t.detach().reshape(-1)
     bounds = chunk_bounds(flat.numel(), chunk_values)
-    q = np.empty(flat.numel(), dtype=np.int32)
 
-    def quantize_piece(ab: tuple[int, int]) -> Histogram:  # float64/int64 temporaries of one piece only
-        qc = quant.quantize(flat[ab[0] : ab[1]], s, name=name).numpy()
-        q[ab[0] : ab[1]] = qc
-        return histogram(qc)
+    def quantized(a: int, b: int) -> np.ndarray:  # float64/int64 temporaries of one piece at a time
+        q = np.empty(b - a, dtype=np.int32)
+        for c, d in chunk_bounds(b - a, PIECE_VALUES):
+            q[c:d] = quant.quantize(flat[a + c : a + d], s, name=name).numpy()
+        return q
+
+    def quantize_piece(ab: tuple[int, int]) -> Histogram:
+        return histogram(quantized(*ab))
 
     hist = _merge(list(pool.map(quantize_piece, chunk_bounds(flat.numel(), PIECE_VALUES))))
     gg = ggmodel.fit(hist, gg_fit).as_float32()
@@ -124,7 +128,7 @@ def _encode_tensor(t: torch.Tensor, name: str, coder: str, rule: dict, gg_fit: s
                       **spool.put(rans.pack_freqs(freqs))}
 
     def encode_chunk(ab: tuple[int, int]) -> dict:
-        qc = q[ab[0] : ab[1]]
+        qc = quantized(*ab)
         if freqs is not None:
             data, params = rans.encode(qc - np.int32(qmin), freqs), {}
         else:
