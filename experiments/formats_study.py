@@ -196,7 +196,7 @@ def rf8_losses(summary: list[dict], synth: list[dict], tasks: list[dict], lm: di
     if lm is not None:
         for v in RF8:
             better = [f for f in base if lm[f] < lm[v]]
-            lines.append(f"SmolLM2 perplexity: {v} {lm[v]:.2f} (fp32 {lm['fp32']:.2f}); lower: "
+            lines.append(f"SmolLM2 perplexity: {v} {lm[v]:.2f} (fp32 = Q4_1 GGUF dequantized: {lm['fp32']:.2f}); lower: "
                          + (", ".join(f"{f} {lm[f]:.2f}" for f in better) or "none"))
     return lines
 
