@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +170,23 @@ def test_errors():
                      {k: v[:0] for k, v in _task().tensors.items()}, num_labels=2)
     with pytest.raises(TrainError, match="no examples"):
         evaluate(_model(), empty)
+
+
+def test_training_is_reproducible_across_processes():
+    """Issue 16 item 12: the same seed and thread count give bit-identical weights in two fresh processes
+    (different hash seeds, so nothing may depend on set or dict-of-str iteration order or on global RNG state)."""
+    code = textwrap.dedent("""
+        import hashlib, sys, torch
+        sys.path.insert(0, sys.argv[1])
+        from conftest import bag_model, toy_task, train_cfg
+        from ggprior.train import BackSlash, train
+        torch.set_num_threads(2)
+        model = bag_model()
+        train(model, toy_task(), toy_task(32, seed=1), train_cfg(seed=3), [BackSlash(2.0)])
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        print(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+    """)
+    tests = str(Path(__file__).resolve().parents[1])
+    digests = {subprocess.run([sys.executable, "-c", code, tests], check=True, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip() for h in (1, 2)}
+    assert len(digests) == 1 and len(digests.pop()) == 64
