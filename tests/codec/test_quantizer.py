@@ -162,3 +162,17 @@ def test_subnormal_weights_get_a_positive_step(nbits, value):
     assert int(q.abs().max()) <= (1 << (nbits - 1)) - 1
     assert float((quant.dequantize(q, step).double() - t.double()).abs().max()) <= step / 2 * (1 + 1e-6)
     assert quant.step_for_rel_error(t, 0.01) >= quant.MIN_STEP
+
+
+def test_steps_beyond_float32_are_named_without_numpy_warnings():
+    """Issue 16 item 8: --rel-error near float32's maximum said "tensor:" without the name, after a NumPy
+    RuntimeWarning."""
+    import warnings
+
+    t = torch.tensor([3.4e38, -3.4e38, 1e38])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(QuantError, match=r"^big\.w: quantization step .* not representable in float32"):
+            quant.choose_step(t, rel=0.5, name="big.w")
+        with pytest.raises(QuantError, match=r"^w: "):
+            quant.check_step(1e300, "w")

@@ -46,7 +46,8 @@ class QuantError(ValueError):
 
 
 def _f32(step: float) -> float:
-    return float(np.float32(step))
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, refused by check_step with the tensor's name
+        return float(np.float32(step))
 
 
 def check_step(step: float, name: str = "tensor") -> float:
@@ -117,7 +118,7 @@ def step_for_bits(t: torch.Tensor, bits: int, *, name: str = "tensor") -> float:
     return step
 
 
-def rel_error(t: torch.Tensor, step: float, q: torch.Tensor | None = None) -> float:
+def rel_error(t: torch.Tensor, step: float, q: torch.Tensor | None = None, *, name: str = "tensor") -> float:
     """Relative RMS quantization error ``||t - q step|| / ||t||`` (0 for an all-zero tensor).
 
     ``q`` defaults to ``quantize(t, step)``; pass it to save a pass over the tensor.
@@ -126,7 +127,7 @@ def rel_error(t: torch.Tensor, step: float, q: torch.Tensor | None = None) -> fl
     norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
     if norm == 0.0:
         return 0.0
-    s = check_step(step)
+    s = check_step(step, name)
     xq = torch.round(x / s) if q is None else q.reshape(-1).to(x.dtype)
     return float(torch.linalg.vector_norm(x - xq * s, dtype=torch.float64)) / norm
 
@@ -155,13 +156,13 @@ def step_for_rel_error(
     guess = math.sqrt(12.0) * rel * rms
     lo, hi = guess / 64.0, guess * 64.0
     lo, hi = max(lo, float(x.abs().max()) / Q_LIMIT, MIN_STEP), max(hi, MIN_STEP)  # subnormals: never 0
-    if rel_error(x, hi) <= rel:
+    if rel_error(x, hi, name=name) <= rel:
         return _f32(hi)
     for _ in range(64):
         if hi / lo <= 1.0 + tol:
             break
         mid = math.sqrt(lo * hi)
-        if rel_error(x, mid) <= rel:
+        if rel_error(x, mid, name=name) <= rel:
             lo = mid
         else:
             hi = mid
