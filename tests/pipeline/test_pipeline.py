@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -14,7 +16,7 @@ from typer.testing import CliRunner
 
 from ggprior.cli import app
 from ggprior.pipeline import CODERS, VARIANTS, PipelineConfig, PipelineError, run_pipeline
-from ggprior.pipeline.report import COLUMNS, summary_rows
+from ggprior.pipeline.report import COLUMNS, compute_seconds, summary_rows
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,31 @@ def test_summary_rows_are_the_real_files(run):
         assert by_fmt["ggz-ans"]["bits/weight"] < by_fmt["ggz-fl"]["bits/weight"]
         assert by_fmt["rf8"]["bits/weight"] < 0.5 * by_fmt["fp32"]["bits/weight"]
         assert by_fmt["fp16"]["bits/weight"] < 0.6 * by_fmt["fp32"]["bits/weight"]
-        assert comp["cr_eg"] > 0 and comp["cr_huffman"] > 0
+        assert comp["cr_eg"] == pytest.approx(_cr_eg_of_file(out / "files" / f"{v}.eg.ggz", cfg.bits), rel=1e-12)
+
+
+def _eg_bits(v: np.ndarray, k: int) -> int:
+    """Exp-Golomb order-k length of non-negative integers: k + 2 floor(log2(v // 2^k + 1)) + 1."""
+    return int((k + 1 + 2 * np.floor(np.log2((v >> k) + 1))).sum())
+
+
+def _cr_eg_of_file(path, bits: int) -> float:
+    """CR(EG) recomputed from the integers stored in a .ggz file, independently of ggprior.codec.lengths:
+    FL = the bits covering [qmin, qmax] per value (at most ``bits``); EG at the best order of the
+    zigzag-mapped integers; side information as documented there (step 32 each; FL qmin 32 + width 8;
+    EG k 8)."""
+    from ggprior.codec import load_integers
+
+    fl = eg = 0
+    for q, _ in load_integers(path).values():
+        x = q.numpy().astype(np.int64).ravel()
+        assert int(np.abs(x).max()) <= (1 << (bits - 1)) - 1
+        z = np.where(x >= 0, 2 * x, -2 * x - 1)
+        width = max(1, math.ceil(math.log2(int(x.max()) - int(x.min()) + 1)))
+        assert width <= bits
+        fl += x.size * width + 40 + 32
+        eg += min(_eg_bits(z, k) for k in range(24)) + 8 + 32
+    return fl / eg
 
 
 def test_report_is_self_contained_and_tabulates_every_row(run):
@@ -93,6 +119,9 @@ def test_rerun_is_cached_and_a_changed_setting_reruns_only_what_depends_on_it(ru
     again = run_pipeline(cfg, out, console=Console(quiet=True), progress=False)
     assert _stage_mtimes(out) == before
     assert summary_rows(again) == summary_rows(first)
+    # the report states the stages' compute time, not the cached rerun's (was "Total time 11 s")
+    assert compute_seconds(again) == pytest.approx(compute_seconds(first)) > again["seconds"]
+    assert f"Compute time {compute_seconds(again):.0f} s" in (out / "report.md").read_text()
     changed = PipelineConfig.preset("tiny", task="spam", pretrained=cfg.pretrained, k_beta=0.5)
     run_pipeline(changed, out, console=Console(quiet=True), progress=False)
     after = _stage_mtimes(out)
@@ -140,3 +169,4 @@ def test_fewer_epochs_than_backslash_epochs_shortens_the_backslash_phase():
     assert (cfg.epochs, cfg.backslash_epochs) == (1, 1)
     with pytest.raises(PipelineError, match="backslash_epochs"):
         PipelineConfig.preset("default", epochs=1, backslash_epochs=2)
+
