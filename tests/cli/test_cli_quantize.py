@@ -1,6 +1,7 @@
 """``ggprior quantize``: a HF folder in, a quantized safetensors file + per-tensor table out; errors."""
 
 import json
+import math
 
 import torch
 from safetensors.torch import save_file
@@ -55,3 +56,16 @@ def test_quantize_errors(tmp_path):
     res = runner.invoke(app, ["quantize", str(weights), str(tmp_path / "o"), "--format", "rf8",
                               "--include", "("])
     assert res.exit_code == 1 and "bad tensor-name pattern" in res.output
+
+
+def test_infinite_values_are_reported_not_silently_saturated(tmp_path):
+    """Issue 16 item 8: quantize saturated +-inf silently and printed "lowest SQNR nan dB"."""
+    src = tmp_path / "m.safetensors"
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[0, 0], w[1, 1] = float("inf"), float("-inf")
+    save_file({"w": w}, str(src))
+    res = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "q"), "--format", "int8"])
+    assert res.exit_code == 0, res.output
+    assert "nan" not in res.output and "2 infinite values" in res.output and "w" in res.output
+    row = json.loads((tmp_path / "q" / "quantize.json").read_text())[0]
+    assert row["saturated"] == 2 and math.isfinite(row["sqnr_db"]) and row["sqnr_db"] > 30

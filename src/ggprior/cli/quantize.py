@@ -58,3 +58,7 @@ def quantize_cmd(
     worst = min(rows, key=lambda r: r["sqnr_db"], default=None)
     console.print(f"wrote {out / QUANTIZED_FILE}: {len(rows)} tensors in {fmt}, {n_in:,} -> {n_out:,} bytes"
                   + (f"; lowest SQNR {worst['sqnr_db']:.1f} dB ({worst['tensor']})" if worst else ""))
+    inf = [r for r in rows if r["saturated"]]
+    if inf:
+        console.print(f"note: {sum(r['saturated'] for r in inf):,} infinite values stored as {fmt}'s largest finite "
+                      f"value, in {', '.join(r['tensor'] for r in inf)} (SQNR over the finite values)")

@@ -36,9 +36,15 @@ def mean_relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def error_stats(ref: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
-    """SQNR (dB), relative RMS error, mean element relative error, and the fraction of non-zero
-    values flushed to zero."""
+    """SQNR (dB), relative RMS error, mean element relative error and the fraction of non-zero values
+    flushed to zero, over the finite values of ``ref``; ``saturated``: how many are +-inf (every
+    format stores them as its largest finite value)."""
+    approx = approx.to(ref.device)
+    finite = torch.isfinite(ref)
+    saturated = int((~finite).sum())
+    if saturated:
+        ref, approx = ref[finite], approx[finite]
     nz = ref != 0
-    flushed = float(((approx.to(ref.device) == 0) & nz).sum()) / max(1, int(nz.sum()))
+    flushed = float(((approx == 0) & nz).sum()) / max(1, int(nz.sum()))
     return {"sqnr_db": sqnr_db(ref, approx), "rel_error": relative_error(ref, approx),
-            "mean_rel_error": mean_relative_error(ref, approx), "flushed": flushed}
+            "mean_rel_error": mean_relative_error(ref, approx), "flushed": flushed, "saturated": saturated}
