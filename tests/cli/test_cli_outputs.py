@@ -87,11 +87,11 @@ def test_existing_output_needs_overwrite(tmp_path, model):
 
 def test_error_text_with_brackets_is_printed_verbatim(capsys):
     """Issue 16 item 1: a worker's error text such as KeyError('[/x]') ended in a MarkupError traceback."""
-    import click
+    import typer
 
     from ggprior.cli.app import fail
 
-    with pytest.raises(click.exceptions.Exit):
+    with pytest.raises(typer.Exit):
         fail("worker 1 of 2 failed: KeyError('[/x]') in [bold]a.weight[/bold]; the other workers were stopped")
     err = capsys.readouterr().err
     assert "KeyError('[/x]') in [bold]a.weight[/bold]" in err.replace("\n", "")
