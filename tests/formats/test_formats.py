@@ -251,3 +251,27 @@ def test_loading_closes_the_safetensors_handle(tmp_path):
     with formats.open_quantized(path) as qf:
         assert _mapped(path) and qf.entries
     assert not _mapped(path)
+
+
+def test_int8_scales_gpt2_conv1d_per_output_channel_on_the_file_path(tmp_path):
+    """Issue 16 item 10: save_quantized scaled a Conv1D weight (in x out) per input channel."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    name = "transformer.h.0.mlp.c_fc.weight"  # Conv1D: (32 in, 128 out)
+    w = model.state_dict()[name]
+    for source in (model, tmp_path / "hf"):
+        path = tmp_path / "q.safetensors"
+        formats.save_quantized(source, path, "int8")
+        with formats.open_quantized(path) as qf:
+            e = qf.entries.get(name) or qf.entries[name.removeprefix("transformer.")]
+            key = name if name in qf.entries else name.removeprefix("transformer.")
+            assert e["transposed"] and tuple(qf.qtensor(key).scale.shape) == (128,)  # one scale per output
+        back = formats.load_quantized(path)[key]
+        assert back.shape == w.shape
+        # per output channel: each column's largest |w| is a code of magnitude 127, so the column's max is exact
+        assert torch.allclose(back.abs().amax(dim=0), w.abs().amax(dim=0), rtol=1e-6)
+    to = formats.to_format(GPT2LMHeadModel(cfg), "int8")
+    formats.load_quantized_model(to, tmp_path / "q.safetensors", strict=False)

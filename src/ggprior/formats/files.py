@@ -26,7 +26,7 @@ from ..io.tensors import dedupe
 from .layers import layer_format, make_layer, quantized_layers
 from .metrics import error_stats
 from .registry import FORMATS, Format, QTensor, get_format
-from .surgery import get_module, is_linear, linear_weight, set_module
+from .surgery import get_module, is_conv1d, is_linear, linear_weight, set_module
 
 META_KEY = "ggprior.quantized"
 QUANTIZED_FILE = "quantized.safetensors"
@@ -50,6 +50,27 @@ def default_select(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> boo
     return dtype.is_floating_point and len(shape) >= 2
 
 
+CONV1D_MODEL_TYPES = ("gpt2",)
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def conv1d_weights(source: object) -> set[str]:
+    """Names of GPT-2 ``Conv1D`` weights (stored in x out) in a module, or in a HF folder whose config.json
+    says ``model_type: gpt2``; empty for other sources."""
+    if isinstance(source, nn.Module):
+        return {f"{n}.weight" if n else "weight" for n, m in source.named_modules() if is_conv1d(m)}
+    folder = Path(source) if isinstance(source, str | os.PathLike) else None
+    if folder is None or not (folder / "config.json").is_file():
+        return set()
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        return set()
+    if model_type not in CONV1D_MODEL_TYPES:
+        return set()
+    return {k for k in open_source(folder) if k.endswith(CONV1D_SUFFIXES)}
+
+
 def save_quantized(
     source: str | os.PathLike | nn.Module | Mapping[str, torch.Tensor] | TensorSource,
     path: str | os.PathLike, fmt: str | Format, *,
@@ -57,9 +78,12 @@ def save_quantized(
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> list[dict]:
     """Quantize the selected tensors of any model source (see :func:`ggprior.io.open_source`)
-    into a safetensors file at ``path``; others are copied as they are. Returns one row per
+    into a safetensors file at ``path``; others are copied as they are. GPT-2 ``Conv1D`` weights
+    (:func:`conv1d_weights`) are stored transposed in per-channel formats, so int8 scales each output
+    channel as the quantized layers do (entry ``"transposed": true``). Returns one row per
     quantized tensor (shape, bytes before and after, SQNR, relative error)."""
     f = get_format(fmt)
+    transposed = conv1d_weights(source)
     src = open_source(source)
     out: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
@@ -72,12 +96,16 @@ def save_quantized(
         for suffix in ("_codes", "_scale"):
             if name + suffix in src:
                 raise ValueError(f"{src.label}: tensor {name + suffix!r} collides with the stored name of {name!r}")
-        q = f.quantize(t, name=name)
+        flip = name in transposed and f.scale == "channel" and t.dim() == 2  # per output channel, as the layers
+        q = f.quantize(t.t().contiguous() if flip else t, name=name)
         out[name + "_codes"] = q.codes
         if q.scale is not None:
             out[name + "_scale"] = q.scale
-        entries[name] = _entry(f, tuple(t.shape), t.dtype, "tensor")
-        stats = error_stats(t.float(), f.dequantize(q))
+        entries[name] = _entry(f, tuple(q.codes.shape), t.dtype, "linear" if flip else "tensor")
+        if flip:
+            entries[name]["transposed"] = True
+        back = f.dequantize(q)
+        stats = error_stats(t.float(), back.t() if flip else back)
         rows.append({"tensor": name, "shape": "x".join(map(str, t.shape)), "format": f.name,
                      "bytes_in": t.nbytes, "bytes_out": q.codes.nbytes + (0 if q.scale is None else q.scale.nbytes),
                      **stats})
@@ -191,7 +219,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = None) ->
         out = {k: qf.handle.get_tensor(k) for k in qf.plain_names()}
         for name, e in qf.entries.items():
             d = dtype or getattr(torch, e.get("dtype", "float32"), torch.float32)
-            out[name] = FORMATS[e["format"]].dequantize(qf.qtensor(name), d)
+            w = FORMATS[e["format"]].dequantize(qf.qtensor(name), d)
+            out[name] = w.t().contiguous() if e.get("transposed") else w
     for alias, target in qf.aliases.items():
         out[alias] = out[target]
     return out
@@ -218,7 +247,8 @@ def _load_into(model: nn.Module, qf: QuantizedFile, strict: bool) -> nn.Module:
         layer = get_module(model, layer_name) if name.endswith(".weight") else None
         held = _held_shape(layer, e["layout"]) if layer is not None else None
         if held is None:
-            state[name] = f.dequantize(qf.qtensor(name), getattr(torch, e.get("dtype", "float32"), torch.float32))
+            w = f.dequantize(qf.qtensor(name), getattr(torch, e.get("dtype", "float32"), torch.float32))
+            state[name] = w.t().contiguous() if e.get("transposed") else w
             continue
         if held != shape:
             raise ValueError(f"{qf.path}: tensor {name!r} has shape {list(shape)}, layer {layer_name!r} is {list(held)}")
