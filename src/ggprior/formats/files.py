@@ -1,7 +1,8 @@
 """Quantized safetensors files: save, open and load models in any weight format.
 
 A quantized tensor ``T`` is stored as ``T_codes`` (+ ``T_scale``) and the string metadata key
-``ggprior.quantized`` holds a JSON map ``T -> {format, shape, dtype, layout}``; every other tensor
+``ggprior.quantized`` holds a JSON map ``T -> {format, shape, dtype, layout}`` (``shape`` that of the
+codes; ``"transposed": true`` when they hold ``T``'s transpose, a GPT-2 ``Conv1D`` weight); every other tensor
 is stored as it is. Tensors sharing storage are stored once, the others named in
 ``ggprior.aliases``.
 """
