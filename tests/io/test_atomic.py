@@ -48,3 +48,18 @@ def test_parent_that_is_a_file_is_named(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
         write_bytes(tmp_path / "afile" / "sub" / "out.bin", b"x")
+
+
+def test_atomic_dir_follows_the_umask_without_changing_it(tmp_path, monkeypatch):
+    from ggprior.io.atomic import atomic_dir
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(atomic.os, "umask", lambda mask: (_ for _ in ()).throw(AssertionError("os.umask called")))
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f.txt").write_text("x")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+    assert (tmp_path / "out" / "f.txt").read_text() == "x" and sorted(os.listdir(tmp_path)) == ["out"]

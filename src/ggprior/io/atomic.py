@@ -43,12 +43,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(parent)
 
 
-def _create_temp(folder: Path, prefix: str, suffix: str) -> Path:
-    """Create an empty file with a fresh name in ``folder`` (mode 0o666 less the umask)."""
+def _create_temp(folder: Path, prefix: str, suffix: str, *, is_dir: bool = False) -> Path:
+    """Create an empty file (or folder) with a fresh name in ``folder``, mode 0o666 (0o777) less the umask."""
     for _ in range(100):
         tmp = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            if is_dir:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
         return tmp
@@ -93,10 +96,9 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: exists and is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _create_temp(path.parent, f".{path.name}.", ".tmp", is_dir=True)  # the umask applies; never flipped
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
@@ -107,9 +109,3 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
