@@ -26,7 +26,6 @@ import math
 import os
 import struct
 from collections.abc import Iterable
-
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
