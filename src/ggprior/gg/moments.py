@@ -35,8 +35,8 @@ from numba import njit
 from ..ggd import GGFit, MomentAccumulator
 
 BINS = 4096
-W_SIGMAS = 0.25  # the histogram covers m +- W_SIGMAS x (the subsample's std)
-EXACT_REL = 1e-10
+BAND_SIGMAS = 0.05  # the band histogram covers m +- BAND_SIGMAS x (the subsample's std)
+EXACT_REL = 1e-9
 SUBSAMPLE = 1 << 16
 MIN_PART = 1 << 20  # values per thread below which fewer threads are used
 
@@ -53,53 +53,78 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@njit(cache=True, inline="always")
-def _bin(y, s1, s2, w, inv_h, cnt, sm, row):
-    """Add ``y`` to the sums and to histogram row ``row`` (NaN and +-Inf land in a clamped bin)."""
-    top = BINS + 1
-    t = (y + w) * inv_h + 1.0
-    j = np.int64(max(min(t, top), 0.0))
-    j = min(max(j, 0), top)
-    cnt[row, j] += 1
-    sm[row, j] += y
-    return s1 + y, s2 + y * y
-
-
 @njit(cache=True, nogil=True)
 def _part(x, lo, hi, m, w, inv_h, cnt, sm):
-    """Sums over ``x[lo:hi]`` (float32 or float64) into 4 interleaved histogram rows of ``cnt``/``sm``.
+    """Sums over ``x[lo:hi]`` (float32 or float64) of y = x - m: (sum y, sum y^2, sum |y|, #y > 0, #y == 0).
 
-    Four rows keep consecutive updates of the same bin (the overflow bins, mostly) off one
-    memory dependency chain. A NaN makes ``sum y`` NaN and an Inf makes ``sum y^2`` Inf, so
-    the sums alone tell whether every value was finite.
+    Values with ``0 < |y| < w`` also go to the band histogram (``cnt``, ``sm``). A NaN makes
+    ``sum y`` NaN and an Inf makes ``sum y^2`` Inf, so the sums alone tell whether every value
+    was finite. Two sets of accumulators keep two dependency chains in flight. (Written out,
+    not factored into a helper: a helper taking the arrays costs a reference count per call.)
     """
-    s1 = 0.0
-    s2 = 0.0
+    s1a = s1b = s2a = s2b = saa = sab = 0.0
+    pos = 0
+    zero = 0
+    half = BINS // 2
     i = lo
-    while i + 4 <= hi:
-        for u in range(4):
-            s1, s2 = _bin(np.float64(x[i + u]) - m, s1, s2, w, inv_h, cnt, sm, u)
-        i += 4
     while i < hi:
-        s1, s2 = _bin(np.float64(x[i]) - m, s1, s2, w, inv_h, cnt, sm, 0)
-        i += 1
-    return s1, s2
+        ya = np.float64(x[i]) - m
+        s1a += ya
+        s2a += ya * ya
+        saa += abs(ya)
+        pos += np.int64(ya > 0.0)
+        zero += np.int64(ya == 0.0)
+        if abs(ya) < w and ya != 0.0:  # the band: 0 on a bin edge, exactly (floor)
+            j = min(max(np.int64(math.floor(ya * inv_h)) + half, 0), BINS - 1)
+            cnt[j] += 1
+            sm[j] += ya
+        if i + 1 < hi:
+            yb = np.float64(x[i + 1]) - m
+            s1b += yb
+            s2b += yb * yb
+            sab += abs(yb)
+            pos += np.int64(yb > 0.0)
+            zero += np.int64(yb == 0.0)
+            if abs(yb) < w and yb != 0.0:
+                j = min(max(np.int64(math.floor(yb * inv_h)) + half, 0), BINS - 1)
+                cnt[j] += 1
+                sm[j] += yb
+        i += 2
+    return s1a + s1b, s2a + s2b, saa + sab, pos, zero
 
 
 @njit(cache=True, nogil=True)
 def _part_lut(x, lut, lo, hi, m, w, inv_h, cnt, sm):
     """:func:`_part` over 16-bit codes (float16 / bfloat16 bit patterns) decoded through ``lut``."""
-    s1 = 0.0
-    s2 = 0.0
+    s1a = s1b = s2a = s2b = saa = sab = 0.0
+    pos = 0
+    zero = 0
+    half = BINS // 2
     i = lo
-    while i + 4 <= hi:
-        for u in range(4):
-            s1, s2 = _bin(np.float64(lut[x[i + u]]) - m, s1, s2, w, inv_h, cnt, sm, u)
-        i += 4
     while i < hi:
-        s1, s2 = _bin(np.float64(lut[x[i]]) - m, s1, s2, w, inv_h, cnt, sm, 0)
-        i += 1
-    return s1, s2
+        ya = np.float64(lut[x[i]]) - m
+        s1a += ya
+        s2a += ya * ya
+        saa += abs(ya)
+        pos += np.int64(ya > 0.0)
+        zero += np.int64(ya == 0.0)
+        if abs(ya) < w and ya != 0.0:  # the band: 0 on a bin edge, exactly (floor)
+            j = min(max(np.int64(math.floor(ya * inv_h)) + half, 0), BINS - 1)
+            cnt[j] += 1
+            sm[j] += ya
+        if i + 1 < hi:
+            yb = np.float64(lut[x[i + 1]]) - m
+            s1b += yb
+            s2b += yb * yb
+            sab += abs(yb)
+            pos += np.int64(yb > 0.0)
+            zero += np.int64(yb == 0.0)
+            if abs(yb) < w and yb != 0.0:
+                j = min(max(np.int64(math.floor(yb * inv_h)) + half, 0), BINS - 1)
+                cnt[j] += 1
+                sm[j] += yb
+        i += 2
+    return s1a + s1b, s2a + s2b, saa + sab, pos, zero
 
 
 @njit(cache=True, nogil=True)
@@ -129,17 +154,18 @@ def _run_parts(fn, n: int, threads: int) -> list:
 
 
 def _sums(a, lut, use_lut, m, w, inv_h, threads):
+    """(sum y, sum y^2, sum |y|, #y > 0, #y == 0, band counts, band sums) over one chunk, in parallel."""
     def one(lo, hi):
-        cnt = np.zeros((4, BINS + 2), dtype=np.int64)
-        sm = np.zeros((4, BINS + 2), dtype=np.float64)
+        cnt = np.zeros(BINS, dtype=np.int64)
+        sm = np.zeros(BINS, dtype=np.float64)
         if use_lut:
-            s1, s2 = _part_lut(a, lut, lo, hi, m, w, inv_h, cnt, sm)
+            r = _part_lut(a, lut, lo, hi, m, w, inv_h, cnt, sm)
         else:
-            s1, s2 = _part(a, lo, hi, m, w, inv_h, cnt, sm)
-        return s1, s2, cnt.sum(axis=0), sm.sum(axis=0)
+            r = _part(a, lo, hi, m, w, inv_h, cnt, sm)
+        return (*r, cnt, sm)
 
     res = _run_parts(one, a.size, threads)
-    return (sum(r[0] for r in res), sum(r[1] for r in res), sum(r[2] for r in res), sum(r[3] for r in res))
+    return [sum(r[k] for r in res) for k in range(7)]
 
 
 def _abs_dev(a, lut, use_lut, mu, threads):
@@ -182,6 +208,36 @@ def _as_float64(a: np.ndarray, lut: np.ndarray, use_lut: bool) -> np.ndarray:
     return lut[a].astype(np.float64) if use_lut else a.astype(np.float64)
 
 
+def _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm) -> float | None:
+    """``sum |y - d|`` from the one-pass sums, or None when the band cannot resolve it exactly enough.
+
+    ``|y - d| = |y| - d sign(y)`` except for y strictly between 0 and d (y = 0 counts on the
+    side away from d), where ``2 |d - y|`` is added; those values lie in the band histogram, whose
+    bins have 0 on an edge. Bins wholly between 0 and d add exactly; the one bin holding d adds
+    an estimate whose error is at most ``2 count h``, accepted when below ``EXACT_REL`` of the total.
+    """
+    if d == 0.0:
+        return sa
+    if not abs(d) < w - 2 * h:
+        return None
+    neg = n - pos - zero
+    half = BINS // 2
+    k = int(math.floor(d / h)) + half  # the bin holding d
+    lo_k = (k - half) * h
+    if d > 0:
+        base = sa - d * pos + d * (neg + zero)
+        full = 2.0 * (d * float(cnt[half:k].sum()) - float(sm[half:k].sum()))
+        part = float(cnt[k]) * (d - lo_k) ** 2 / h
+    else:
+        base = sa - d * (pos + zero) + d * neg
+        full = 2.0 * (float(sm[k + 1:half].sum()) - d * float(cnt[k + 1:half].sum()))
+        part = float(cnt[k]) * (lo_k + h - d) ** 2 / h
+    est = base + full + part
+    if 2.0 * float(cnt[k]) * h > EXACT_REL * est:
+        return None
+    return est
+
+
 def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads: int | None = None) -> GGFit:
     """The moment-ratio GG fit of :func:`ggprior.ggd.fit` in one pass over the data.
 
@@ -198,37 +254,27 @@ def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads
     acc = MomentAccumulator(name)
     if n == 0:
         return acc.fit()  # raises the same error as ggd.fit
-    # the provisional centre and the histogram's span, from a strided subsample of the first chunk
+    # the provisional centre m and the band's half-width w, from a strided subsample of the first chunk
     a0, lut0, use0 = prepared[0]
     sub = _as_float64(a0[:: max(1, a0.size // SUBSAMPLE)], lut0, use0)
     sub = sub[np.isfinite(sub)]
     m = float(sub.mean()) if sub.size else 0.0
     spread = float(sub.std()) if sub.size else 0.0
-    w = W_SIGMAS * spread if spread > 0 else max(abs(m), 1.0) * 1e-3
+    w = BAND_SIGMAS * spread if spread > 0 else max(abs(m), 1.0) * 1e-3
+    if abs(m) <= 0.25 * w:
+        m = 0.0  # exact zeros (sparse weights) then sit at y = 0, outside the band
     h = 2 * w / BINS
-    s1 = s2 = 0.0
-    cnt = np.zeros(BINS + 2, dtype=np.int64)
-    sm = np.zeros(BINS + 2, dtype=np.float64)
+    tot = [0.0, 0.0, 0.0, 0, 0, np.zeros(BINS, dtype=np.int64), np.zeros(BINS)]
     nt = default_threads() if threads is None else max(1, int(threads))
     for a, lut, use in prepared:
         r = _sums(a, lut, use, m, w, 1.0 / h, nt)
-        s1 += r[0]
-        s2 += r[1]
-        cnt += r[2]
-        sm += r[3]
+        tot = [t + v for t, v in zip(tot, r, strict=True)]
+    s1, s2, sa, pos, zero, cnt, sm = tot
     if not (math.isfinite(s1) and math.isfinite(s2)):
         raise ValueError(f"{name}: contains NaN or Inf values; cannot fit a GG")
     d = s1 / n
     sq_dev = max(s2 - s1 * d, 0.0)
-    abs_dev = None
-    if -w + h < d < w - h:
-        k = int(math.floor((d + w) / h)) + 1
-        lo = float(cnt[:k].sum()) * d - float(sm[:k].sum())
-        hi = float(sm[k + 1:].sum()) - float(cnt[k + 1:].sum()) * d
-        mid = abs(float(sm[k]) - float(cnt[k]) * d)
-        est = lo + hi + mid
-        if cnt[k] * h <= EXACT_REL * est:
-            abs_dev = est
+    abs_dev = _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm)
     if abs_dev is None:
         mu = m + d
         abs_dev = sum(_abs_dev(a, lut, use, mu, nt) for a, lut, use in prepared)
