@@ -65,6 +65,10 @@ from .fileio import atomic_path
 from .sources import TensorSource, floating_names, open_source
 from .stats import is_linear_weight
 
+# Until this module becomes the deepshape/ package (docs/architecture.md), let its submodules
+# (deepshape/remap.py) import as ggprior.deepshape.remap.
+__path__ = [os.path.join(os.path.dirname(__file__), "deepshape")]
+
 BIN_WIDTH = 2.0**-13
 N_MIN = 1e-3
 TAILS = ("scale", "keep", "reshape")
