@@ -153,13 +153,14 @@ def configure_threads(n: int | None = None, *, adapt: bool = True) -> int:
         n = choose_threads(avail, idle_cpus() if adapt and avail > 1 else None)
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
-    import torch
-
-    torch.set_num_threads(n)
     try:
         import numba
 
+        # numba first: starting its OpenMP pool resets the process's OpenMP thread count
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:  # pragma: no cover
         pass
+    import torch
+
+    torch.set_num_threads(n)
     return n
