@@ -51,7 +51,7 @@ def _huffman_both(data: bytes, n: int, qmin: int, nsym: int):
     fbits = min(huffman.FAST_BITS, tables[-1])
     tab_sym, tab_len, tbits, first, count, offset, order, max_len = tables
     fast = huffman._decode_fast(padded(payload), 8 * len(payload), n, qmin, huffman._fast_table(lens, fbits),
-                                fbits, first, count, offset, order, max_len)
+                                fbits, first, count, offset, order, max_len, np.empty(n, dtype=np.int64))
     return ref, fast
 
 
@@ -103,7 +103,8 @@ def test_huffman_long_codes():
 
 def _eg_both(data: bytes, n: int, k: int, signed: bool):
     buf = padded(data)
-    return expgolomb._decode(buf, 8 * len(data), n, k, signed), expgolomb._decode_fast(buf, 8 * len(data), n, k, signed)
+    fast = expgolomb._decode_fast(buf, 8 * len(data), n, k, signed, np.empty(n, dtype=np.int64))
+    return expgolomb._decode(buf, 8 * len(data), n, k, signed), fast
 
 
 @given(q=st.one_of(ints, peaked, wide), k=st.integers(0, 31), signed=st.booleans())

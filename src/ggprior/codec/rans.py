@@ -274,8 +274,11 @@ def _enc_put(x, s, itab, ftab, pb, words, p):
 
 
 @njit(cache=True)
-def _encode_kernel(sym: np.ndarray, f: np.ndarray, pb: int):
-    """(status, bytes): status 0 ok, else 1 + the index of the first symbol with frequency 0 / out of range."""
+def _encode_kernel(sym: np.ndarray, f: np.ndarray, pb: int, out: np.ndarray):
+    """(status, bytes): status 0 ok, else 1 + the index of the first symbol with frequency 0 / out of range.
+
+    ``out``: a NumPy buffer of ``HEADER_BYTES + 2 n`` bytes (the result is a view of its tail).
+    """
     n = sym.shape[0]
     nsym = f.shape[0]
     itab, ftab = _enc_tables(f, pb)
@@ -284,7 +287,6 @@ def _encode_kernel(sym: np.ndarray, f: np.ndarray, pb: int):
         if s < 0 or s >= nsym or itab[s, 0] < 0:
             return 1 + i, np.zeros(0, dtype=np.uint8)
     # words are written backwards from the end, after room for the header: the result is a view
-    out = np.empty(HEADER_BYTES + 2 * n, dtype=np.uint8)
     words = out[HEADER_BYTES:].view(np.uint16)  # native order; fixed below if big-endian
     p = n
     x0 = np.int64(RANS_L)
@@ -348,9 +350,13 @@ def _dec_step(x, slot_sym, sym_tab, mask, pb, buf, p, last):
 
 
 @njit(cache=True)
-def _decode_kernel(buf: np.ndarray, end: int, n: int, f: np.ndarray, pb: int, slot_sym: np.ndarray):
-    """(values, status): status 0 ok, 1 truncated, 2 bad initial state, 3 bad final state, 4 data left over."""
-    out = np.empty(n, dtype=np.int32)
+def _decode_kernel(buf: np.ndarray, end: int, n: int, f: np.ndarray, pb: int, slot_sym: np.ndarray,
+                   out: np.ndarray):
+    """(values, status): status 0 ok, 1 truncated, 2 bad initial state, 3 bad final state, 4 data left over.
+
+    ``out`` (int32, n) comes from NumPy: its large allocations use transparent huge pages, and
+    first-touch page faults on a numba allocation cost as much as the decoding.
+    """
     lim = np.int64(RANS_L) << 16
     xs = np.empty(LANES, dtype=np.int64)
     for lane in range(LANES):
@@ -408,7 +414,7 @@ def encode(symbols: np.ndarray, freqs: np.ndarray) -> bytes:
         if int(a.max()) >= f.size:
             raise CodingError(f"rANS: symbol {int(a.max())} outside the alphabet [0, {f.size})")
         a = a.astype(np.int64)
-    status, out = _encode_kernel(np.ascontiguousarray(a), f, pb)
+    status, out = _encode_kernel(np.ascontiguousarray(a), f, pb, np.empty(HEADER_BYTES + 2 * a.size, dtype=np.uint8))
     if status:
         i = status - 1
         raise CodingError(f"rANS: symbol {int(a[i])} at index {i} is outside the alphabet [0, {f.size}) "
@@ -436,7 +442,7 @@ def decode(data: bytes | bytearray | memoryview, freqs: np.ndarray, n: int) -> n
         raise CodingError(f"rANS: {n} symbols cannot be coded in {nbytes} bytes under this table")
     buf = np.frombuffer(data, dtype=np.uint8)
     slot_sym = np.empty(1 << pb, dtype=np.uint16 if f.size <= 1 << 16 else np.int32)
-    out, status = _decode_kernel(buf, nbytes, n, f, pb, slot_sym)
+    out, status = _decode_kernel(buf, nbytes, n, f, pb, slot_sym, np.empty(n, dtype=np.int32))
     if status == 1:
         raise CodingError(f"rANS: stream truncated ({nbytes} bytes hold fewer than {n} symbols)")
     if status == 2:

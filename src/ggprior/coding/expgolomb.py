@@ -149,14 +149,16 @@ def _decode(buf: np.ndarray, nbits: int, n: int, k: int, signed: bool) -> tuple[
 
 
 @njit(cache=True)
-def _decode_fast(buf: np.ndarray, nbits: int, n: int, k: int, signed: bool) -> tuple[np.ndarray, int, int]:
+def _decode_fast(buf: np.ndarray, nbits: int, n: int, k: int, signed: bool,
+                 out: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Same contract as :func:`_decode` (the reference it is tested against), several codewords per window.
+
+    Decodes into ``out`` (int64, ``n`` values, allocated by NumPy: huge pages, fewer page faults).
 
     One 64-bit window (57 valid bits) is read and consumed codeword by codeword (count leading
     zeros, shift) until the next codeword does not fit in the bits left; a codeword longer than
     57 bits, or one with too many leading zeros, goes through the reference logic.
     """
-    out = np.empty(n, dtype=np.int64)
     base = np.uint64(1) << np.uint64(k)
     zmax = 31 - k
     pos = 0
@@ -217,7 +219,7 @@ def decode(data: bytes | bytearray | memoryview, n: int, k: int = 0, *, signed: 
     nbits = 8 * len(data)
     if n < 0 or n * (k + 1) > nbits:
         raise CodingError(f"Exp-Golomb: {n} values cannot fit in {len(data)} bytes (at least {k + 1} bits each)")
-    out, status, pos = _decode_fast(padded(data), nbits, int(n), k, signed)
+    out, status, pos = _decode_fast(padded(data), nbits, int(n), k, signed, np.empty(int(n), dtype=np.int64))
     if status == 1:
         raise CodingError(f"Exp-Golomb: stream truncated ({len(data)} bytes hold fewer than {n} values)")
     if status == 2:

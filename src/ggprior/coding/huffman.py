@@ -206,15 +206,18 @@ def _window(buf: np.ndarray, pos: int) -> np.uint64:
 def _decode_fast(
     buf: np.ndarray, nbits: int, n: int, qmin: int, tab: np.ndarray, fbits: int,
     first: np.ndarray, count: np.ndarray, offset: np.ndarray, sorted_sym: np.ndarray, max_len: int,
+    out: np.ndarray,
 ) -> tuple[np.ndarray, int, int]:
-    """Table-driven decoder, same contract as :func:`_decode` (the reference it is tested against).
+    """Table-driven decoder into ``out`` (int64, n values), same contract as :func:`_decode` (its oracle).
+
+    ``out`` comes from NumPy, whose large allocations use transparent huge pages: first-touch
+    page faults on a numba-allocated output cost more than the decoding itself.
 
     ``tab`` maps the next ``fbits`` bits to ``symbol index << 8 | length`` (length 0: a longer
     code, decoded canonically). One 64-bit window (>= 57 valid bits) serves up to
     ``57 // fbits`` codewords; the position is checked against the stream once per window
     (``buf`` holds ``PAD`` bytes past the end, and a window advances at most 57 bits).
     """
-    out = np.empty(n, dtype=np.int64)
     pos = 0
     i = 0
     per = 57 // fbits
@@ -336,7 +339,7 @@ def decode(data: bytes | bytearray | memoryview, n: int, qmin: int, nsym: int) -
     tab_sym, tab_len, tbits, first, count, offset, order, max_len = _tables(lens)
     fbits = min(FAST_BITS, max_len)
     out, status, pos = _decode_fast(padded(payload), nbits, int(n), qmin, _fast_table(lens, fbits), fbits,
-                                    first, count, offset, order, max_len)
+                                    first, count, offset, order, max_len, np.empty(int(n), dtype=np.int64))
     if status == 1:
         raise CodingError(f"Huffman: stream truncated ({len(payload)} payload bytes hold fewer than {n} values)")
     if status == 2:
