@@ -48,13 +48,14 @@ _SIGN = np.uint32(0x80000000)
 
 
 @njit(cache=True)
-def _radix_argsort_f32(bits: np.ndarray):
+def _radix_argsort_f32(bits, keys, k1, i1, i2, out):
     """Stable ascending sort of float32 values given as their uint32 bit patterns (no NaN).
 
-    Returns (sorted values' bit patterns, with -0.0 as +0.0; the permutation, int64).
+    Returns (sorted values' bit patterns in ``k1``, with -0.0 as +0.0; the permutation in ``out``,
+    int64). The work buffers (``keys``, ``k1`` uint32; ``i1``, ``i2`` int32; ``out`` int64, all of
+    length n) come from NumPy, whose large allocations use transparent huge pages.
     """
     n = bits.shape[0]
-    keys = np.empty(n, dtype=np.uint32)
     h0 = np.zeros(2048, dtype=np.int64)
     h1 = np.zeros(2048, dtype=np.int64)
     h2 = np.zeros(1024, dtype=np.int64)
@@ -74,8 +75,6 @@ def _radix_argsort_f32(bits: np.ndarray):
             h[j] = acc
             acc += c
     # the first two passes carry int32 indices (half the memory traffic), the last writes int64
-    k1 = np.empty(n, dtype=np.uint32)
-    i1 = np.empty(n, dtype=np.int32)
     for i in range(n):
         k = keys[i]
         d = k & 0x7FF
@@ -83,7 +82,6 @@ def _radix_argsort_f32(bits: np.ndarray):
         h0[d] = p + 1
         k1[p] = k
         i1[p] = i
-    i2 = np.empty(n, dtype=np.int32)
     for i in range(n):
         k = k1[i]
         d = (k >> 11) & 0x7FF
@@ -91,7 +89,6 @@ def _radix_argsort_f32(bits: np.ndarray):
         h1[d] = p + 1
         keys[p] = k
         i2[p] = i1[i]
-    out = np.empty(n, dtype=np.int64)
     for i in range(n):
         k = keys[i]
         d = k >> 22
@@ -106,7 +103,10 @@ def stable_sort(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.sort(v, stable=True)`` of a finite 1-D CPU float32/float64 tensor: (values, indices)."""
     a = v.numpy()
     if a.dtype == np.float32 and a.size < 2**31:
-        sbits, order = _radix_argsort_f32(np.ascontiguousarray(a).view(np.uint32))
+        n = a.size
+        sbits, order = _radix_argsort_f32(
+            np.ascontiguousarray(a).view(np.uint32), np.empty(n, np.uint32), np.empty(n, np.uint32),
+            np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int64))
         return torch.from_numpy(sbits.view(np.float32)), torch.from_numpy(order)
     order = np.argsort(a, kind="stable")
     return torch.from_numpy(a[order]), torch.from_numpy(order)
