@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ggprior import ggd
+from ggprior import gg
 from ggprior.deepshape import BIN_WIDTH, deepshape, reshape_values
 from ggprior.deepshape.remap import reshape_values_fast
 
@@ -60,10 +60,10 @@ def loop_remap(x: torch.Tensor, k_gamma: float, k_beta: float, w: float = BIN_WI
     """The reference structure: sorted core values handed out per level in a Python loop (floor counts)."""
     sv, order = torch.sort(x.reshape(-1))
     lev = torch.round(sv / w).to(torch.int64)
-    fit = ggd.fit(sv)
+    fit = gg.fit(sv)
     a, b = int(lev[0]), int(lev[-1])
     edges = (torch.arange(a, b + 2, dtype=torch.float64) - 0.5) * w
-    probs = torch.diff(ggd.cdf(edges, fit.mu, k_beta * fit.beta, k_gamma * fit.gamma))
+    probs = torch.diff(gg.cdf(edges, fit.mu, k_beta * fit.beta, k_gamma * fit.gamma))
     counts = torch.floor(probs / probs.sum() * sv.numel()).to(torch.int64).tolist()
     out = sv.clone()
     pos = 0
@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    x = ggd.sample((args.numel,), 0.0, 0.05, 1.2, generator=torch.Generator().manual_seed(0))
+    x = gg.sample((args.numel,), 0.0, 0.05, 1.2, generator=torch.Generator().manual_seed(0))
     reshape_values_fast(x[:20000], 1.1, 0.7)  # JIT (cached on disk)
     reshape_values_fast(x[:20000], 1.1, 0.7, exact=False)
     fns = {
@@ -125,7 +125,7 @@ def main() -> None:
         },
     }
     if args.minilm:
-        from ggprior.sources import open_source
+        from ggprior.io.sources import open_source
 
         src = open_source("minilm")
         state = {k: src[k] for k in src}

@@ -8,7 +8,7 @@ generic MLE on the same values, the speed ratio, every gamma estimate, and MiniL
 ``one_pass`` (``ggprior.gg.moments``): a float32 GG tensor of ``--file-n`` values is written
 to a safetensors file; the one-pass fit reads it through a memory map, against the baseline of
 the same run, NumPy summing the same memory-mapped values (``sum(dtype=float64)``), and
-against today's two-pass ``ggd.fit`` streamed from the file (``ggprior.sources``). The file is
+against today's two-pass ``gg.fit`` streamed from the file (``ggprior.sources``). The file is
 read once before timing (page cache warm: this measures the computation, not the disk). Times
 are best of 3, as wall and process CPU time. SciPy's accuracy-adjusted ratio: both estimators
 on ``--reps`` disjoint slices of ``--scipy-n`` values; the one-pass fit needs
@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import save_file
 from scipy import stats
 
-from ggprior import ggd
+from ggprior import gg
 from ggprior.gg import moments
-from ggprior.sources import open_source
+from ggprior.io.sources import open_source
 from ggprior.stats import fit_model
 
 
@@ -48,7 +48,7 @@ def _timed_cpu(fn, repeat=3):
 
 
 def one_pass(args) -> dict:
-    x = ggd.sample((args.file_n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(1))
+    x = gg.sample((args.file_n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(1))
     mb = x.numel() * 4 / 1e6
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "w.safetensors"
@@ -62,9 +62,9 @@ def one_pass(args) -> dict:
         nt = moments.default_threads()
         wn, cn, fn_ = _timed_cpu(lambda: moments.fit_safetensors(path, threads=nt)["w"])
         src = open_source(str(path))
-        w_old, c_old, f_old = _timed_cpu(lambda: ggd.fit(lambda: src.iter_chunks("w"), name="w"), repeat=1)
+        w_old, c_old, f_old = _timed_cpu(lambda: gg.fit(lambda: src.iter_chunks("w"), name="w"), repeat=1)
     # accuracy-adjusted comparison with SciPy on disjoint slices
-    y = ggd.sample((args.reps * args.scipy_n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(2))
+    y = gg.sample((args.reps * args.scipy_n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(2))
     ours, theirs, t_ours, t_scipy = [], [], 0.0, 0.0
     for r in range(args.reps):
         sl = y[r * args.scipy_n:(r + 1) * args.scipy_n].numpy()
@@ -117,12 +117,12 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
-    x = ggd.sample((args.n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(0))
+    x = gg.sample((args.n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(0))
     small = x[: args.scipy_n]
     mb, mb_small = x.numel() * 4 / 1e6, small.numel() * 4 / 1e6
-    t_ours, f_ours = _timed(lambda: ggd.fit(x))
-    t_ours_s, f_ours_s = _timed(lambda: ggd.fit(small))
-    t_mle, f_mle = _timed(lambda: ggd.fit(x, mle=True), repeat=1)
+    t_ours, f_ours = _timed(lambda: gg.fit(x))
+    t_ours_s, f_ours_s = _timed(lambda: gg.fit(small))
+    t_mle, f_mle = _timed(lambda: gg.fit(x, mle=True), repeat=1)
     t_scipy, (g_scipy, _, b_scipy) = _timed(lambda: stats.gennorm.fit(small.double().numpy()), repeat=1)
     load = os.getloadavg()[0]
     fast = one_pass(args)

@@ -7,10 +7,10 @@ grid (step = 2 max|x| / 1023). Coded with:
 
 * ``rans``: :mod:`ggprior.codec.rans` (4 interleaved 32-bit states, table-driven decode),
   table from :func:`~ggprior.codec.rans.quantize_freqs` of the histogram;
-* ``constriction`` (the baseline, the path of ``ggprior.coding.ans`` today): ``AnsCoder``
+* ``constriction`` (the baseline, the path of ``ggprior.codec.ans`` today): ``AnsCoder``
   with a ``Categorical`` model of the same histogram (model construction included, as in
   ``ans._encode``);
-* ``huffman`` and ``eg``: ``ggprior.coding.huffman`` / ``expgolomb`` (numba), the stream the
+* ``huffman`` and ``eg``: ``ggprior.codec.huffman`` / ``expgolomb`` (numba), the stream the
   ``.ggz`` file holds (the Huffman length table included in its size).
 
 Every stream is decoded and compared with the input. Times are the best of ``--repeat``
@@ -32,8 +32,7 @@ import time
 import constriction
 import numpy as np
 
-from ggprior.codec import rans
-from ggprior.coding import expgolomb, huffman
+from ggprior.codec import expgolomb, huffman, rans
 
 
 def _timed(fn, repeat: int) -> tuple[float, float, object]:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ggprior import ggd
+from ggprior import gg
 from ggprior.deepshape import BIN_WIDTH, reshape_values
 from ggprior.deepshape.remap import reshape_values_fast, stable_sort
 
@@ -20,7 +20,7 @@ def gg_weights(draw):
     beta = draw(st.floats(0.01, 0.2))
     mu = draw(st.sampled_from([0.0, 0.0, 1e-3, -0.01]))
     seed = draw(st.integers(0, 2**31))
-    x = ggd.sample(shape, mu, beta, gamma, generator=torch.Generator().manual_seed(seed))
+    x = gg.sample(shape, mu, beta, gamma, generator=torch.Generator().manual_seed(seed))
     ties = draw(st.sampled_from(["none", "grid", "zeros", "coarse"]))
     if ties == "grid":
         x = torch.round(x / (BIN_WIDTH / 3)) * (BIN_WIDTH / 3)  # many exact ties
@@ -119,7 +119,7 @@ def test_errors_match_reference():
 
 
 def test_large_tensor_identical():
-    x = ggd.sample((1_000_000,), 0.0, 0.05, 1.2, generator=torch.Generator().manual_seed(5))
+    x = gg.sample((1_000_000,), 0.0, 0.05, 1.2, generator=torch.Generator().manual_seed(5))
     a, ra = reshape_values(x, 1.1, 0.7)
     b, rb = reshape_values_fast(x, 1.1, 0.7)
     assert torch.equal(a, b)

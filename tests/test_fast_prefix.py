@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from ggprior.coding import expgolomb, huffman
-from ggprior.coding.bits import padded
+from ggprior.codec import expgolomb, huffman
+from ggprior.codec.bits import padded
 
 ints = hnp.arrays(np.int64, st.integers(0, 3000), elements=st.integers(-5000, 5000))
 peaked = st.builds(

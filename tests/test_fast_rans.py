@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ggprior.codec import rans
-from ggprior.coding.bits import CodingError
+from ggprior.codec.bits import CodingError
 
 
 def _gg_ints(n: int, gamma: float, seed: int = 0, levels: int = 1023) -> np.ndarray:

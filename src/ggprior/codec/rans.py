@@ -33,10 +33,9 @@ import sys
 import numpy as np
 from numba import njit
 
-# The one place where this module names the bit-I/O package (ggprior.codec.bits after the move).
-from ..coding.bits import CodingError, padded  # noqa: F401  (CodingError is part of this API)
-from ..coding.expgolomb import _decode as _eg_decode
-from ..coding.expgolomb import _encode as _eg_encode
+from .bits import CodingError, padded  # noqa: F401  (CodingError is part of this API)
+from .expgolomb import _decode as _eg_decode
+from .expgolomb import _encode as _eg_encode
 
 LANES = 4
 STATE_BITS = 16  # L = 2^16: states in [2^16, 2^32)
@@ -235,7 +234,7 @@ def max_symbols(nbytes: int, freqs: np.ndarray) -> int:
 # ----------------------------------------------------------------------------- coder kernels
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _enc_tables(f: np.ndarray, pb: int):
     """Per-symbol encoder constants: int rows (x_max, start, freq), float rows (1 / freq, 0.5 / freq).
 
@@ -273,7 +272,7 @@ def _enc_put(x, s, itab, ftab, pb, words, p):
     return (q << pb) + x - q * itab[s, 2] + itab[s, 1], p
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _encode_kernel(sym: np.ndarray, f: np.ndarray, pb: int, out: np.ndarray):
     """(status, bytes): status 0 ok, else 1 + the index of the first symbol with frequency 0 / out of range.
 
@@ -321,7 +320,7 @@ def _encode_kernel(sym: np.ndarray, f: np.ndarray, pb: int, out: np.ndarray):
     return 0, out[k:]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _dec_tables(f: np.ndarray, pb: int, slot_sym: np.ndarray) -> np.ndarray:
     """Fill ``slot_sym`` (the symbol of each of the ``2^pb`` slots); returns freq << 32 | start per symbol."""
     sym_tab = np.empty(f.shape[0], dtype=np.int64)
@@ -349,7 +348,7 @@ def _dec_step(x, slot_sym, sym_tab, mask, pb, buf, p, last):
     return x, np.int32(s), p + 2 * need
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _decode_kernel(buf: np.ndarray, end: int, n: int, f: np.ndarray, pb: int, slot_sym: np.ndarray,
                    out: np.ndarray):
     """(values, status): status 0 ok, 1 truncated, 2 bad initial state, 3 bad final state, 4 data left over.

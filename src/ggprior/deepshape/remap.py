@@ -15,10 +15,10 @@ passes of float64 temporaries. Here:
   back through the permutation) is one numba pass that computes each value with the same
   float64 operations as ``deepshape._fill`` and writes it straight to its place: bit for bit
   the reference's output.
-* the core fit is :func:`ggprior.ggd.fit` on the same sorted core (so the target, the counts
+* the core fit is :func:`ggprior.gg.fit` on the same sorted core (so the target, the counts
   and every output value are those of the reference); the report's other fits
   (``before``, ``after``, ``after_core``) use the one-pass :func:`ggprior.gg.moments.fit_moments`,
-  equal to ``ggd.fit`` to about 1e-9 relative.
+  equal to ``gg.fit`` to about 1e-9 relative.
 
 Runs on CPU tensors (others are moved to CPU and back).
 """
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from numba import njit
 
-# The one place where this module names the reference implementation (ggprior.deepshape.* after the move).
-from .. import ggd
-from ..deepshape import (
+from .. import gg
+from ..gg.moments import fit_moments
+from .reshape import (
     BIN_WIDTH,
     MIN_BETA_BINS,
     N_MIN,
@@ -42,7 +42,6 @@ from ..deepshape import (
     _trim,
     _work_dtype,
 )
-from ..gg.moments import fit_moments
 
 _SIGN = np.uint32(0x80000000)
 
@@ -172,7 +171,7 @@ def reshape_values_fast(
     """:func:`ggprior.deepshape.reshape_values` with a radix sort and a fused remap (same output).
 
     ``exact=False`` also fits the core in one pass (:func:`~ggprior.gg.moments.fit_moments`,
-    about 1e-11 from ``ggd.fit``): faster, and the output then equals the reference's except
+    about 1e-11 from ``gg.fit``): faster, and the output then equals the reference's except
     where that difference moves a rounding (a count between neighbouring bins, the last bit of
     a scaled tail value).
     """
@@ -193,13 +192,13 @@ def reshape_values_fast(
     lev = torch.round(sv / w).to(torch.int64)
     start, end, nmin, cut_width = _trim(lev, n_min, w, name)
     a, b = int(lev[start]), int(lev[end - 1])
-    core_fit = ggd.fit(sv[start:end], name=name) if exact else fit_moments(sv[start:end], name=name)
+    core_fit = gg.fit(sv[start:end], name=name) if exact else fit_moments(sv[start:end], name=name)
     mu = core_fit.mu
     gamma_t, beta_t = k_gamma * core_fit.gamma, k_beta * core_fit.beta
-    if not ggd.GAMMA_MIN <= gamma_t <= ggd.GAMMA_MAX:
+    if not gg.GAMMA_MIN <= gamma_t <= gg.GAMMA_MAX:
         raise ValueError(
             f"{name}: target gamma {gamma_t:.4g} = {k_gamma} x {core_fit.gamma:.4g} lies outside "
-            f"[{ggd.GAMMA_MIN}, {ggd.GAMMA_MAX}]"
+            f"[{gg.GAMMA_MIN}, {gg.GAMMA_MAX}]"
         )
     if beta_t < MIN_BETA_BINS * w:
         raise ValueError(
@@ -211,7 +210,7 @@ def reshape_values_fast(
         a2, b2 = a, b
     else:
         q = torch.tensor([max(r0, 0.5) / n, 1.0 - max(n - r1, 0.5) / n], dtype=torch.float64)
-        lo_t, hi_t = (float(t) for t in ggd.ppf(q, mu, beta_t, gamma_t))
+        lo_t, hi_t = (float(t) for t in gg.ppf(q, mu, beta_t, gamma_t))
         a2, b2 = round(lo_t / w + 0.5), round(hi_t / w + 0.5) - 1
     lo_edge, hi_edge = (a2 - 0.5) * w, (b2 + 0.5) * w
     if b2 < a2 or not lo_edge < mu < hi_edge:
@@ -219,13 +218,13 @@ def reshape_values_fast(
             f"{name}: target beta {beta_t:.4g} is too narrow for bin width {w:.4g}; use a smaller bin width"
         )
     edges = (torch.arange(a2, b2 + 2, dtype=torch.float64) - 0.5) * w
-    probs = torch.diff(ggd.cdf(edges, mu, beta_t, gamma_t))
+    probs = torch.diff(gg.cdf(edges, mu, beta_t, gamma_t))
     if float(probs.sum()) <= 0.0:
         raise ValueError(f"{name}: the target puts no mass on bins {a2}..{b2}; check k_gamma/k_beta")
     counts = ROUNDINGS[rounding](probs, r1 - r0)
     low, high = sv[:r0].to(torch.float64), sv[r1:].to(torch.float64)
     if tails == "scale":
-        lo_f, hi_f = (float(t) - mu for t in ggd.ppf(q, mu, core_fit.beta, core_fit.gamma))
+        lo_f, hi_f = (float(t) - mu for t in gg.ppf(q, mu, core_fit.beta, core_fit.gamma))
         low = lo_edge + (low - (ra - 0.5) * w) * ((lo_t - mu) / lo_f)
         high = hi_edge + (high - (rb + 0.5) * w) * ((hi_t - mu) / hi_f)
     if snap:

@@ -1,6 +1,6 @@
 """One-pass moment sums for the GG moment-ratio fit (numba, float64 accumulators, parallel chunks).
 
-:func:`ggprior.ggd.fit` makes two passes: the mean, then ``sum |x - mu|`` and ``sum (x - mu)^2``
+:func:`ggprior.gg.fit` makes two passes: the mean, then ``sum |x - mu|`` and ``sum (x - mu)^2``
 around it. Here one pass suffices. Values are centred on a provisional centre ``m`` (the mean
 of an evenly strided subsample) and the pass accumulates, per thread, ``sum y`` and
 ``sum y^2`` (``y = x - m``, float64) plus a fine histogram of ``y`` over ``[-W, W)``
@@ -11,12 +11,12 @@ for every bin that lies wholly on one side of ``d`` (``|y - d|`` is linear there
 bin that holds ``d`` is not: its error is at most ``count x h``; when that bound exceeds
 ``EXACT_REL`` of the total (a point mass, e.g. many exact zeros, in that bin) or ``d`` falls
 outside ``[-W, W]``, a second pass computes ``sum |x - mu|`` exactly. The result is the same
-:class:`~ggprior.ggd.GGFit` as :func:`ggprior.ggd.fit` (gamma equal to about 1e-9 relative).
+:class:`~ggprior.gg.GGFit` as :func:`ggprior.gg.fit` (gamma equal to about 1e-9 relative).
 
 Inputs: float32, float64, float16 NumPy arrays, bfloat16 given as a ``uint16`` view
 (``dtype="bfloat16"``), torch tensors of any of these, an iterable of such chunks, or a
 safetensors file (:func:`fit_safetensors`, read through a memory map: no copy, no torch).
-Non-finite values raise ``ValueError`` like :func:`ggprior.ggd.fit`.
+Non-finite values raise ``ValueError`` like :func:`ggprior.gg.fit`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 # The one place where this module names the fit's result type (ggprior.gg.fit after the move).
-from ..ggd import GGFit, MomentAccumulator
+from .fit import GGFit, MomentAccumulator
 
 BINS = 4096
 BAND_SIGMAS = 0.05  # the band histogram covers m +- BAND_SIGMAS x (the subsample's std)
@@ -239,13 +239,13 @@ def _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm) -> float | None:
 
 
 def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads: int | None = None) -> GGFit:
-    """The moment-ratio GG fit of :func:`ggprior.ggd.fit` in one pass over the data.
+    """The moment-ratio GG fit of :func:`ggprior.gg.fit` in one pass over the data.
 
     ``data``: an array or tensor, or an iterable of them (chunks of one tensor, each read once);
     ``dtype="bfloat16"`` marks ``uint16`` arrays as bfloat16 bit patterns. ``threads``: how many
     slices of each chunk are summed in parallel (threads running GIL-free numba kernels; default:
     the CPUs of this process's affinity mask). Raises ``ValueError`` naming ``name`` for empty,
-    constant, NaN or Inf input, like :func:`ggprior.ggd.fit`.
+    constant, NaN or Inf input, like :func:`ggprior.gg.fit`.
     """
     chunks = [data] if _is_single(data) else list(data)
     prepared = [_prepare(c, dtype) for c in chunks]
@@ -253,7 +253,7 @@ def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads
     n = sum(p[0].size for p in prepared)
     acc = MomentAccumulator(name)
     if n == 0:
-        return acc.fit()  # raises the same error as ggd.fit
+        return acc.fit()  # raises the same error as gg.fit
     # the provisional centre m and the band's half-width w, from a strided subsample of the first chunk
     a0, lut0, use0 = prepared[0]
     sub = _as_float64(a0[:: max(1, a0.size // SUBSAMPLE)], lut0, use0)
