@@ -10,6 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ggprior"
 
 ALLOWED = {
     "runtime": set(),
+    "threads": set(),
     "gg": set(),
     "io": set(),
     "stats": {"gg", "io", "runtime"},

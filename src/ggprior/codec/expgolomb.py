@@ -147,6 +147,56 @@ def _decode(buf: np.ndarray, nbits: int, n: int, k: int, signed: bool) -> tuple[
     return out, 0, pos
 
 
+@njit(cache=True)
+def _decode_fast(buf: np.ndarray, nbits: int, n: int, k: int, signed: bool,
+                 out: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Same contract as :func:`_decode` (the reference it is tested against), several codewords per window.
+
+    Decodes into ``out`` (int64, ``n`` values, allocated by NumPy: huge pages, fewer page faults).
+
+    One 64-bit window (57 valid bits) is read and consumed codeword by codeword (count leading
+    zeros, shift) until the next codeword does not fit in the bits left; a codeword longer than
+    57 bits, or one with too many leading zeros, goes through the reference logic.
+    """
+    base = np.uint64(1) << np.uint64(k)
+    zmax = 31 - k
+    pos = 0
+    i = 0
+    while i < n:
+        if pos >= nbits:
+            return out, 1, pos
+        w = load_window(buf, pos)
+        avail = 57
+        start = i
+        while i < n:
+            z = clz64(w)
+            L = 2 * z + 1 + k
+            if L > avail or z > zmax:
+                break
+            v = (w << np.uint64(z)) >> np.uint64(64 - (z + 1 + k))
+            w <<= np.uint64(L)
+            avail -= L
+            pos += L
+            d = v - base
+            out[i] = (np.int64(d >> np.uint64(1)) ^ -np.int64(d & np.uint64(1))) if signed else np.int64(d)
+            i += 1
+        if i > start or i >= n:
+            continue
+        # the first codeword of a fresh window did not fit in it (or is invalid)
+        z = clz64(w)
+        if z > zmax:
+            return out, 2, pos
+        nb = z + 1 + k
+        v = load_window(buf, pos + z) >> np.uint64(64 - nb)
+        pos += z + nb
+        d = v - base
+        out[i] = (np.int64(d >> np.uint64(1)) ^ -np.int64(d & np.uint64(1))) if signed else np.int64(d)
+        i += 1
+    if pos > nbits:
+        return out, 1, pos
+    return out, 0, pos
+
+
 def encode(values: np.ndarray | torch.Tensor, k: int = 0, *, signed: bool = True) -> bytes:
     """Exp-Golomb code of order ``k`` of an integer array (zigzag-mapped when ``signed``) -> bytes."""
     k = _check_k(k)
@@ -168,6 +218,6 @@ def decode(data: bytes | bytearray | memoryview, n: int, k: int = 0, *, signed: 
     nbits = 8 * len(data)
     if n < 0 or n * (k + 1) > nbits:
         raise CodingError(f"Exp-Golomb: {n} values cannot fit in {len(data)} bytes (at least {k + 1} bits each)")
-    out, status, pos = _decode(padded(data), nbits, int(n), k, signed)
+    out, status, pos = _decode_fast(padded(data), nbits, int(n), k, signed, np.empty(int(n), dtype=np.int64))
     check_decoded("Exp-Golomb", status, pos, len(data), n, invalid=f" (more than {31 - k} leading zeros)")
     return out

@@ -23,6 +23,7 @@ from .histogram import Histogram, as_int_array, histogram
 MAX_LEN = 30
 LEN_BITS = 5
 TABLE_BITS = 11
+FAST_BITS = 12  # the fast decoder's table (4096 entries)
 NSYM_MAX = 1 << 24
 
 
@@ -190,6 +191,84 @@ def _decode(
     return out, 0, pos
 
 
+@njit(cache=True, inline="always")
+def _window(buf: np.ndarray, pos: int) -> np.uint64:
+    """64 bits from byte ``pos >> 3`` (big-endian), shifted so bit ``pos`` is the MSB (>= 57 valid)."""
+    b = pos >> 3
+    w = ((np.uint64(buf[b]) << np.uint64(56)) | (np.uint64(buf[b + 1]) << np.uint64(48))
+         | (np.uint64(buf[b + 2]) << np.uint64(40)) | (np.uint64(buf[b + 3]) << np.uint64(32))
+         | (np.uint64(buf[b + 4]) << np.uint64(24)) | (np.uint64(buf[b + 5]) << np.uint64(16))
+         | (np.uint64(buf[b + 6]) << np.uint64(8)) | np.uint64(buf[b + 7]))
+    return w << np.uint64(pos & 7)
+
+
+@njit(cache=True)
+def _decode_fast(
+    buf: np.ndarray, nbits: int, n: int, qmin: int, tab: np.ndarray, fbits: int,
+    first: np.ndarray, count: np.ndarray, offset: np.ndarray, sorted_sym: np.ndarray, max_len: int,
+    out: np.ndarray,
+) -> tuple[np.ndarray, int, int]:
+    """Table-driven decoder into ``out`` (int64, n values), same contract as :func:`_decode` (its oracle).
+
+    ``out`` comes from NumPy, whose large allocations use transparent huge pages: first-touch
+    page faults on a numba-allocated output cost more than the decoding itself.
+
+    ``tab`` maps the next ``fbits`` bits to ``symbol index << 8 | length`` (length 0: a longer
+    code, decoded canonically). One 64-bit window (>= 57 valid bits) serves up to
+    ``57 // fbits`` codewords; the position is checked against the stream once per window
+    (``buf`` holds ``PAD`` bytes past the end, and a window advances at most 57 bits).
+    """
+    pos = 0
+    i = 0
+    per = 57 // fbits
+    sh = np.uint64(64 - fbits)
+    while i < n:
+        if pos > nbits:
+            return out, 1, pos
+        w = _window(buf, pos)
+        m = min(per, n - i)
+        for _ in range(m):
+            e = tab[w >> sh]
+            L = e & 0xFF
+            if L == 0:
+                break
+            w <<= np.uint64(L)
+            pos += L
+            out[i] = (e >> 8) + qmin
+            i += 1
+        else:
+            continue
+        # a code longer than fbits bits: canonical search from a fresh window
+        w = _window(buf, pos)
+        s = -1
+        for l in range(fbits + 1, max_len + 1):
+            d = np.int64(w >> np.uint64(64 - l)) - first[l]
+            if d >= 0 and d < count[l]:
+                s = np.int64(sorted_sym[offset[l] + d])
+                pos += l
+                break
+        if s < 0:
+            return out, 2, pos
+        out[i] = s + qmin
+        i += 1
+    if pos > nbits:
+        return out, 1, pos
+    return out, 0, pos
+
+
+def _fast_table(lens: np.ndarray, fbits: int) -> np.ndarray:
+    """The fast decoder's table: ``symbol index << 8 | length`` for codes of at most ``fbits`` bits."""
+    codes = canonical_codes(lens)
+    tab = np.zeros(1 << fbits, dtype=np.int64)
+    short = np.flatnonzero((lens > 0) & (lens <= fbits))
+    if short.size:
+        span = np.left_shift(1, fbits - lens[short])
+        starts = codes[short].astype(np.int64) << (fbits - lens[short])
+        idx = np.repeat(starts, span) + (np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span))
+        tab[idx] = (np.repeat(short, span) << 8) | np.repeat(lens[short], span)
+    return tab
+
+
 def _tables(lens: np.ndarray) -> tuple:
     """Decoding tables: a direct table for codes up to ``tbits`` bits, canonical ranges beyond."""
     codes = canonical_codes(lens)
@@ -257,6 +336,9 @@ def decode(data: bytes | bytearray | memoryview, n: int, qmin: int, nsym: int) -
     if n < 0 or n * shortest > nbits:
         raise CodingError(f"Huffman: {n} values cannot fit in {len(payload)} payload bytes "
                           f"(at least {shortest} bits each)")
-    out, status, pos = _decode(padded(payload), nbits, int(n), qmin, *_tables(lens))
+    tab_sym, tab_len, tbits, first, count, offset, order, max_len = _tables(lens)
+    fbits = min(FAST_BITS, max_len)
+    out, status, pos = _decode_fast(padded(payload), nbits, int(n), qmin, _fast_table(lens, fbits), fbits,
+                                    first, count, offset, order, max_len, np.empty(int(n), dtype=np.int64))
     check_decoded("Huffman", status, pos, len(payload), n, where="payload ")
     return out

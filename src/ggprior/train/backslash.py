@@ -6,7 +6,7 @@ Objective J = D + lambda R(theta), with the GG rate surrogate over the N penalis
 
 nu the GG shape of the parameters re-estimated every step by the moment ratio
 rho_hat = N sum(theta^2) / (sum|theta|)^2, nu = rho^-1(rho_hat), read from a table of
-``ggprior.ggd.rho`` over 4097 log-spaced shapes in ``nu_range`` = [0.1, 3.0] (the reference uses
+``ggprior.gg.rho`` over 4097 log-spaced shapes in ``nu_range`` = [0.1, 3.0] (the reference uses
 a table over [0.10, 2.99] step 0.01) with linear interpolation: relative error below 1e-5, and
 ~1000x faster than bisection, which matters when it runs every step. Ratios beyond the table
 are clamped to its ends. The ratio is not centred (the rate is on |theta|), as in the reference.
