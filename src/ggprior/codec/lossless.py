@@ -104,6 +104,11 @@ def values_of(patterns: np.ndarray, dtype_name: str) -> np.ndarray:
     """float64 values of bit patterns (any integer array) of ``dtype_name``."""
     name, _, w, _, _ = dtype_info(dtype_name)
     p = np.asarray(patterns)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _values_of(p, name)
+
+
+def _values_of(p: np.ndarray, name: str) -> np.ndarray:
     if name == "bfloat16":
         return (p.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
     if name == "float16":
@@ -198,7 +203,8 @@ def gg_freqs(params: tuple[float, float, float], name: str, k: int, smin: int, s
 
 
 def _f32(v: float) -> float:
-    return float(np.float32(v))
+    with np.errstate(over="ignore"):
+        return float(np.float32(v))
 
 
 def fit_gg_model(a: np.ndarray, counts: np.ndarray, name: str, k: int, smin: int, smax: int):
@@ -362,6 +368,8 @@ def decode_tensor(data: bytes | memoryview, dtype_name: str, n: int) -> np.ndarr
         except (bits.CodingError, ValueError, OverflowError) as ex:
             raise LosslessError(f"lossless: {ex}") from ex
         pos += clen
+        if (n * width) & 7 and mv[len(mv) - 1] & ((1 << (8 - ((n * width) & 7))) - 1):
+            raise LosslessError("lossless: nonzero padding bits after the raw fields")
         out = np.empty(n, dtype=udt)
         _merge(sym, bits.padded(mv[pos:]), out, m, k, w - 1)
     if zlib.crc32(out) != info["crc32"]:

@@ -8,8 +8,8 @@ probabilities ``freqs / 2**prob_bits`` (``perfect=False``, deterministic), so bo
 same coder model from the same integers.
 
 An ANS coder starting from its empty state codes runs of the symbol whose cumulative
-frequency starts at 0 for free; the encoder therefore codes one sentinel symbol (the most
-frequent one) first, and the decoder checks it and that no data is left over. ``decode``
+frequency starts at 0 for free; the encoder therefore codes one sentinel symbol (the last
+one of nonzero frequency, whose cumulative frequency is above 0) first, and the decoder checks it and that no data is left over. ``decode``
 bounds ``n`` by the stream length before allocating: every symbol costs at least
 ``-log2(max freq / total)`` bits, and ``quantize_freqs`` keeps ``max freq`` below the total.
 """
@@ -78,6 +78,10 @@ def _model(p: np.ndarray):
     return constriction.stream.model.Categorical(p, perfect=False)
 
 
+def _sentinel(p: np.ndarray) -> int:
+    return int(np.flatnonzero(p)[-1])
+
+
 def encode(symbols: np.ndarray, freqs: np.ndarray) -> bytes:
     """rANS stream (little-endian 32-bit words) of ``symbols`` under ``freqs``."""
     p, _ = _check(freqs)
@@ -88,7 +92,7 @@ def encode(symbols: np.ndarray, freqs: np.ndarray) -> bytes:
         raise CodingError("a symbol lies outside the table or has frequency 0")
     msg = np.empty(s.size + 1, dtype=np.int32)
     msg[:-1] = s
-    msg[-1] = int(np.argmax(p))  # sentinel, coded first
+    msg[-1] = _sentinel(p)  # coded first
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(msg, _model(p))
     return coder.get_compressed().astype("<u4").tobytes()
@@ -119,7 +123,7 @@ def decode(data: bytes | memoryview, freqs: np.ndarray, n: int) -> np.ndarray:
         out = coder.decode(_model(p), int(n) + 1)
     except (ValueError, RuntimeError, OverflowError) as e:
         raise CodingError(f"rANS: invalid stream ({e})") from e
-    if out[-1] != int(np.argmax(p)) or not coder.is_empty():
+    if out[-1] != _sentinel(p) or not coder.is_empty():
         raise CodingError("rANS: stream does not end where expected (damaged data)")
     out = out[:-1]
     if np.any(np.asarray(freqs)[out] == 0):
