@@ -298,16 +298,28 @@ def quantize(t: torch.Tensor, step: float | np.ndarray, threshold: float = 0.5, 
         if threshold == 0.5:
             return quant.quantize(x, step, name=name)
         s = quant.check_step(step, name)
+        if not bool(torch.isfinite(x).all()):
+            raise quant.QuantError(f"{name}: contains NaN or Inf values; cannot quantize")
         y = x.to(torch.float64).abs() / s
         return (torch.sign(x) * torch.clamp(torch.floor(y + 1.0 - threshold), min=0)).to(torch.int32)
-    return torch.stack([quantize(x[r], float(step[r]), threshold, name) for r in range(x.shape[0])])
+    steps = np.asarray(step, dtype=np.float64)
+    if steps.shape != (x.shape[0],) or not np.all(np.isfinite(steps) & (steps > 0)):
+        raise quant.QuantError(f"{name}: per-row steps must be {x.shape[0]} finite numbers > 0")
+    s = torch.from_numpy(steps.astype(np.float32).astype(np.float64)).reshape(-1, *([1] * (x.dim() - 1)))
+    if not bool(torch.isfinite(x).all()):
+        raise quant.QuantError(f"{name}: contains NaN or Inf values; cannot quantize")
+    y = x.to(torch.float64) / s
+    q = torch.round(y) if threshold == 0.5 else torch.sign(y) * torch.clamp(torch.floor(y.abs() + 1.0 - threshold), min=0)
+    if q.numel() and float(q.abs().max()) > quant.Q_LIMIT:
+        raise quant.QuantError(f"{name}: a row step is too small for the row's range")
+    return q.to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, step: float | np.ndarray) -> torch.Tensor:
     """``q * step`` (per row if ``step`` is an array), float32."""
     if np.ndim(step) == 0:
         return quant.dequantize(q, step)
-    s = torch.from_numpy(np.asarray(step, dtype=np.float32).astype(np.float64))[:, None]
+    s = torch.from_numpy(np.asarray(step, dtype=np.float32).astype(np.float64)).reshape(-1, *([1] * (q.dim() - 1)))
     return (q.to(torch.float64) * s).float()
 
 
