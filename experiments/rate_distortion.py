@@ -191,8 +191,8 @@ def matrices(model: torch.nn.Module, limit: int | None) -> dict[str, torch.Tenso
         if v.dim() == 2 and v.shape[1] % 32 == 0 and v.numel() >= 4096 and v.data_ptr() not in seen:
             seen.add(v.data_ptr())
             out[k] = v.detach().float().clone()
-    if limit:
-        out = dict(list(out.items())[:limit])
+    if limit:  # quick: the first few small matrices
+        out = dict([kv for kv in out.items() if kv[1].numel() <= 1 << 20][:limit])
     return out
 
 
