@@ -3,7 +3,7 @@
 Every value is split into sign ``s``, exponent ``e`` (``E`` bits) and mantissa (``M`` bits).
 The *symbol* is the exponent together with the top ``k`` mantissa bits, i.e. the magnitude
 bits shifted right by ``M - k``; it is entropy-coded (rANS with an integer frequency table).
-The sign and the ``M - k`` low mantissa bits are packed raw, ``1 + M - k`` bits per value, MSB
+The sign and the ``M - k`` low mantissa bits are packed raw, ``1 + M - k`` bits per value, LSB
 first. Each symbol stands for one interval of magnitudes, ``[v(sym << (M-k)), v((sym+1) << (M-k)))``
 (``v`` = the float value of a bit pattern), so a GG law predicts the symbol distribution:
 
@@ -49,16 +49,13 @@ from scipy import optimize
 from ..coding import bits, ggmodel  # ggprior.codec.{bits, ggmodel} after the layout move
 from ..ggd import fit as gg_fit  # ggprior.gg after the layout move
 
-try:  # the fast numba rANS (codec/rans.py) when present, else the constriction stand-in
-    from . import rans
-except ImportError:  # pragma: no cover - depends on the tree
-    from . import rans_constriction as rans
+from . import rans  # the table-driven numba rANS (copied from wt-speed)
 
 # name -> (code, total bits, exponent bits, mantissa bits)
 DTYPES = {"bfloat16": (1, 16, 8, 7), "float16": (2, 16, 5, 10), "float32": (3, 32, 8, 23)}
 ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 KMAX = {"bfloat16": 3, "float16": 4, "float32": 3}
-PROB_BITS = 16
+PROB_BITS = rans.MAX_PROB_BITS  # 15
 MAGIC = b"GGL1"
 HEAD = struct.Struct("<4sBBBBQI")
 GG_MODEL = struct.Struct("<fffHH")
@@ -121,41 +118,61 @@ def _values_of(p: np.ndarray, name: str) -> np.ndarray:
 
 @njit(cache=True)
 def _split(a: np.ndarray, m: int, k: int, sign_shift: int):
-    """Symbols (magnitude >> (m - k), uint16) and packed raw fields (sign, low m - k bits) of ``a``."""
+    """Symbols (magnitude >> (m - k), uint16) and the raw fields (sign, low m - k bits) of ``a``.
+
+    Raw fields are ``1 + m - k`` bits each, packed LSB first: field ``i`` starts at bit ``i * width``
+    of the little-endian byte string, so the decoder reads each one with a 4-byte load.
+    """
     n = a.shape[0]
     width = 1 + m - k
-    low = (np.uint64(1) << np.uint64(m - k)) - np.uint64(1)
+    sh = np.uint64(m - k)
+    low = (np.uint64(1) << sh) - np.uint64(1)
     smask = (np.uint64(1) << np.uint64(sign_shift)) - np.uint64(1)
     sym = np.empty(n, dtype=np.uint16)
     nbytes = (n * width + 7) >> 3
-    out = np.zeros(nbytes + bits.PAD, dtype=np.uint8)
+    out = np.zeros(nbytes + 8, dtype=np.uint8)
     acc = np.uint64(0)
-    nacc = 0
+    nacc = np.uint64(0)
     p = 0
+    w = np.uint64(width)
     for i in range(n):
         v = np.uint64(a[i])
         mag = v & smask
-        sym[i] = np.uint16(mag >> np.uint64(m - k))
-        raw = ((v >> np.uint64(sign_shift)) << np.uint64(m - k)) | (mag & low)
-        p, acc, nacc = bits.put_bits(out, p, acc, nacc, raw, width)
-    bits.flush_bits(out, p, acc, nacc)
+        sym[i] = np.uint16(mag >> sh)
+        raw = ((v >> np.uint64(sign_shift)) << sh) | (mag & low)
+        acc |= raw << nacc
+        nacc += w
+        if nacc >= np.uint64(32):
+            out[p] = np.uint8(acc & np.uint64(0xFF))
+            out[p + 1] = np.uint8((acc >> np.uint64(8)) & np.uint64(0xFF))
+            out[p + 2] = np.uint8((acc >> np.uint64(16)) & np.uint64(0xFF))
+            out[p + 3] = np.uint8((acc >> np.uint64(24)) & np.uint64(0xFF))
+            p += 4
+            acc >>= np.uint64(32)
+            nacc -= np.uint64(32)
+    while nacc > np.uint64(0):
+        out[p] = np.uint8(acc & np.uint64(0xFF))
+        p += 1
+        acc >>= np.uint64(8)
+        nacc = nacc - np.uint64(8) if nacc > np.uint64(8) else np.uint64(0)
     return sym, out[:nbytes]
 
 
 @njit(cache=True)
 def _merge(sym: np.ndarray, buf: np.ndarray, out: np.ndarray, m: int, k: int, sign_shift: int) -> None:
-    """Inverse of :func:`_split` into ``out`` (uint16 / uint32); ``buf`` is the padded raw section."""
+    """Inverse of :func:`_split` into ``out`` (uint16 / uint32); ``buf`` holds the raw section plus 4 zero bytes."""
     width = 1 + m - k
-    sh = np.uint64(m - k)
-    low = (np.uint64(1) << sh) - np.uint64(1)
-    acc = np.uint64(0)
-    nacc = 0
-    p = 0
+    sh = np.uint32(m - k)
+    low = (np.uint32(1) << sh) - np.uint32(1)
+    mask = (np.uint32(1) << np.uint32(width)) - np.uint32(1)
+    ssh = np.uint32(sign_shift)
     for i in range(out.shape[0]):
-        p, acc, nacc = bits.refill(buf, p, acc, nacc)
-        raw = bits.peek(acc, nacc, width)
-        nacc -= width
-        out[i] = ((raw >> sh) << np.uint64(sign_shift)) | (np.uint64(sym[i]) << sh) | (raw & low)
+        pos = i * width
+        b = pos >> 3
+        word = (np.uint32(buf[b]) | (np.uint32(buf[b + 1]) << np.uint32(8)) | (np.uint32(buf[b + 2]) << np.uint32(16))
+                | (np.uint32(buf[b + 3]) << np.uint32(24)))
+        raw = (word >> np.uint32(pos & 7)) & mask
+        out[i] = ((raw >> sh) << ssh) | (np.uint32(sym[i]) << sh) | (raw & low)
 
 
 # ---------------------------------------------------------------- models
@@ -313,7 +330,7 @@ def stream_info(data: bytes | memoryview) -> dict:
     if code not in names:
         raise LosslessError(f"lossless: unknown dtype code {code}")
     name = names[code]
-    if kind not in MODEL_NAMES or not 0 <= k <= KMAX[name] or not 8 <= prob_bits <= 24:
+    if kind not in MODEL_NAMES or not 0 <= k <= KMAX[name] or not rans.MIN_PROB_BITS <= prob_bits <= rans.MAX_PROB_BITS:
         raise LosslessError(f"lossless: header out of range (model {kind}, k {k}, prob_bits {prob_bits})")
     return {"dtype": name, "model": MODEL_NAMES[kind], "k": k, "prob_bits": prob_bits, "n": n, "crc32": crc}
 
@@ -339,7 +356,7 @@ def decode_tensor(data: bytes | memoryview, dtype_name: str, n: int) -> np.ndarr
         nsym = 1 << (e + k)
         try:
             if info["model"] == "hist":
-                freqs, used = rans.unpack_freqs(mv[pos:], nsym)
+                freqs, used = rans.unpack_freqs(mv[pos:], nsym, prob_bits)
                 if int(freqs.sum()) != 1 << prob_bits:
                     raise LosslessError("lossless: frequency table does not sum to 2^prob_bits")
                 pos += used
@@ -368,7 +385,7 @@ def decode_tensor(data: bytes | memoryview, dtype_name: str, n: int) -> np.ndarr
         except (bits.CodingError, ValueError, OverflowError) as ex:
             raise LosslessError(f"lossless: {ex}") from ex
         pos += clen
-        if (n * width) & 7 and mv[len(mv) - 1] & ((1 << (8 - ((n * width) & 7))) - 1):
+        if (n * width) & 7 and mv[len(mv) - 1] >> ((n * width) & 7):
             raise LosslessError("lossless: nonzero padding bits after the raw fields")
         out = np.empty(n, dtype=udt)
         _merge(sym, bits.padded(mv[pos:]), out, m, k, w - 1)
