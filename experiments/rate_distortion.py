@@ -165,7 +165,6 @@ def minilm(p: dict):
 
 def smollm2(p: dict):
     from formats_study import load_smollm2, perplexity
-
     from ggprior.data import corpus_split
 
     model, tok = load_smollm2()

@@ -102,7 +102,7 @@ def test_per_row_steps_pay_when_rows_differ():
     g = torch.Generator().manual_seed(5)
     t = ggprior.sample((64, 512), beta=0.02, gamma=1.2, generator=g)
     rw = np.exp2(np.linspace(-6, 6, 64))
-    tens, weights = {"w": t}, {"w": 1.0}
+    tens = {"w": t}
     m_row = A.tensor_model("w", t, float(rw.mean()), row_weight=rw, per_row=True)
     al = A.allocate([m_row], 4.0, per_row=True, tensors=tens)
     assert isinstance(al.steps["w"], np.ndarray) and al.rows[0]["per_row"]

@@ -48,7 +48,6 @@ from scipy import optimize
 
 from ..coding import bits, ggmodel  # ggprior.codec.{bits, ggmodel} after the layout move
 from ..ggd import fit as gg_fit  # ggprior.gg after the layout move
-
 from . import rans  # the table-driven numba rANS (copied from wt-speed)
 
 # name -> (code, total bits, exponent bits, mantissa bits)
