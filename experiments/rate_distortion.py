@@ -21,7 +21,8 @@ Tensors: the 2-D matrices of all-MiniLM-L6-v2 (sentence-transformers, built in) 
 * ggprior ``alloc-rows``: the same with per-row steps where they pay (per-row gradient weights).
 
 Measures: per-tensor SQNR and bits/weight; MiniLM sentence-embedding cosine against the original
-(mean pooling, a fixed set of sentences from the sentiment and topic test splits); SmolLM2
+(mean pooling, a fixed set of sentences from the sentiment and topic test splits; calibration
+batches for the sensitivities come from the train splits); SmolLM2
 perplexity on the first tokens of the bbc-lm test split. Writes rate_distortion.json, README.md and
 rate_distortion.png under --out.
 """
@@ -185,11 +186,14 @@ def minilm(p: dict):
             return float(torch.nn.functional.cosine_similarity(embed(m), ref, dim=-1).mean())
 
     # calibration: E_r[(d(r . e)/dw)^2] = sum_k (de_k/dw)^2, r ~ N(0, I): the embedding's sensitivity
+    # on sentences of the train splits, disjoint from the evaluation sentences
     g = torch.Generator().manual_seed(0)
+    ctexts = task_split("sentiment", "train")[0][: 8 * p["calib"]] + task_split("topic", "train")[0][: 8 * p["calib"]]
+    cenc = tok([t[:400] for t in ctexts], padding=True, truncation=True, max_length=64, return_tensors="pt")
     calib = []
-    for i in range(p["calib"]):
-        sl = slice(i * 4 % len(texts), i * 4 % len(texts) + 4)
-        calib.append(({k: v[sl] for k, v in enc.items()}, torch.randn(4, ref.shape[1], generator=g)))
+    for i in range(2 * p["calib"]):
+        sl = slice(8 * i, 8 * i + 8)
+        calib.append(({k: v[sl] for k, v in cenc.items()}, torch.randn(8, ref.shape[1], generator=g)))
 
     def loss_fn(m, b):
         e, r = b
