@@ -396,8 +396,12 @@ def plot(results: list[dict], path: Path) -> Path:
     panels = [(r, "median_sqnr_db", "median SQNR (dB)") for r in results]
     panels += [(r, "quality", "cosine vs original" if r["model"].startswith("minilm") else "perplexity")
                for r in results if r["points"] and "quality" in r["points"][0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
-    for ax, (r, key, lab) in zip(axes[0], panels, strict=True):
+    ncol = 3
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.0 * ncol, 4.0 * nrow), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (r, key, lab) in zip(axes.flat, panels, strict=False):
         fams = {}
         for q in r["points"]:
             fams.setdefault(q["method"], []).append(q)
@@ -412,8 +416,7 @@ def plot(results: list[dict], path: Path) -> Path:
             ax.set_yscale("log")
             lab = "1 - cosine vs original (log)"
         if key == "quality" and not r["model"].startswith("minilm"):
-            ax.axhline(r["reference_quality"], color="gray", ls=":", lw=1)
-            ax.set_yscale("log")
+            ax.axhline(r["reference_quality"], color="gray", ls=":", lw=1, label="fp32")
         ax.set_xlabel("bits / weight (side information included)")
         ax.set_ylabel(lab)
         ax.set_title(r["model"], fontsize=9)
