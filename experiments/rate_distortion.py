@@ -474,6 +474,19 @@ def readme(results: list[dict], meta: dict) -> str:
                   f"(per tensor, allocation points, model rate): median {g['gap_to_slb_bits_median']:.3f}, "
                   f"max {g['gap_to_slb_bits_max']:.3f} bits/weight.", ""]
     L += ["## Goals of issue 14, as measured in this run", ""] + goal_lines(results) + [""]
+    L += ["## Read with these in mind", "",
+          "* SmolLM2's weights are a Q4_1 GGUF dequantized to float32 (the only SmolLM2 installed): every 32-block "
+          "holds at most 16 distinct values, so GGUF Q4_1/Q5_1/Q8_0 re-quantize it almost exactly and are favoured "
+          "there; its perplexity reference is the dequantized model's.",
+          "* Equal quality is read off ggprior's curves by linear interpolation between measured points; a peer "
+          "whose quality ggprior's curves never reach gets ratio inf.",
+          "* Sensitivities come from a few calibration batches (MiniLM: train-split sentences, disjoint from the "
+          "evaluation sentences; SmolLM2: bbc-lm train text); the evaluation sets are small (see the command's "
+          "parameters in the JSON), one seed.",
+          "* `ggprior-alloc` minimises the sensitivity-weighted MSE, not SQNR: its median SQNR is not what it "
+          "optimises; `ggprior-rel` (equal relative error per tensor) is the SQNR-oriented rule.",
+          "* NNCodec runs with a stub `torchvision` module (no CPU torchvision for torch 2.13.0 installs here; "
+          "NNCodec imports it only for its image datasets).", ""]
     return "\n".join(L) + "\n"
 
 
