@@ -101,10 +101,19 @@ def m_format(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, float]:
 
 
 def m_nncodec(w: torch.Tensor, qp: int) -> tuple[torch.Tensor, float]:
+    import os
+    import tempfile
+
     import nncodec.tensor as nt
 
-    bs = nt.encode(w.clone(), args={"qp": qp})
-    r = nt.decode(bs)
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:  # NNCodec writes its bitstream files into the working directory
+        os.chdir(tmp)
+        try:
+            bs = nt.encode(w.clone(), args={"qp": qp})
+            r = nt.decode(bs)
+        finally:
+            os.chdir(cwd)
     r = torch.as_tensor(np.asarray(r.detach().cpu() if isinstance(r, torch.Tensor) else r)).reshape(w.shape).float()
     return r, 8.0 * len(bs)
 
