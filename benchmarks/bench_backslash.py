@@ -15,8 +15,8 @@ import platform
 
 import torch
 
-from ggprior.data import TaskData
-from ggprior.models import build_model, count_parameters
+from ggprior.tasks import TaskData
+from ggprior.tasks.models import build_model, count_parameters
 from ggprior.train import TrainConfig, make_rate_callback, train
 
 VARIANTS = {"plain": None, "backslash": ("backslash", False), "backslash_per_tensor": ("backslash", True),

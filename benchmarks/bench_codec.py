@@ -28,12 +28,12 @@ import torch
 import zstandard
 from safetensors.torch import save
 
-from ggprior import quant
-from ggprior.coding import registry
-from ggprior.coding.ggmodel import fit as gg_fit
-from ggprior.coding.histogram import histogram
-from ggprior.container import save_compressed
-from ggprior.sources import floating_names, open_source
+from ggprior.codec import quantizer as quant
+from ggprior.codec import registry
+from ggprior.codec.container import save_compressed
+from ggprior.codec.ggmodel import fit as gg_fit
+from ggprior.codec.histogram import histogram
+from ggprior.io.sources import floating_names, open_source
 
 
 def _timed(fn, repeat: int) -> tuple[float, float, object]:

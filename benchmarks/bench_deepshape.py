@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ggprior import ggd
+from ggprior import gg
 from ggprior.deepshape import BIN_WIDTH, deepshape, reshape_values
 
 PER = 1e8
@@ -40,10 +40,10 @@ def loop_remap(x: torch.Tensor, k_gamma: float, k_beta: float, w: float = BIN_WI
     """The reference structure: sorted core values handed out per level in a Python loop (floor counts)."""
     sv, order = torch.sort(x.reshape(-1))
     lev = torch.round(sv / w).to(torch.int64)
-    fit = ggd.fit(sv)
+    fit = gg.fit(sv)
     a, b = int(lev[0]), int(lev[-1])
     edges = (torch.arange(a, b + 2, dtype=torch.float64) - 0.5) * w
-    probs = torch.diff(ggd.cdf(edges, fit.mu, k_beta * fit.beta, k_gamma * fit.gamma))
+    probs = torch.diff(gg.cdf(edges, fit.mu, k_beta * fit.beta, k_gamma * fit.gamma))
     counts = torch.floor(probs / probs.sum() * sv.numel()).to(torch.int64).tolist()
     out = sv.clone()
     pos = 0
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--minilm", action="store_true", help="also time the whole MiniLM model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    x = ggd.sample((args.numel,), 0.0, 0.05, 1.2, generator=torch.Generator().manual_seed(0))
+    x = gg.sample((args.numel,), 0.0, 0.05, 1.2, generator=torch.Generator().manual_seed(0))
     times = {
         "deepshape": best_seconds(lambda: reshape_values(x, 1.1, 0.7), args.repeats),
         "sort": best_seconds(lambda: torch.sort(x), args.repeats),
@@ -79,7 +79,7 @@ def main() -> None:
         "speedup_vs_loop": times["loop"] / times["deepshape"],
     }
     if args.minilm:
-        from ggprior.sources import open_source
+        from ggprior.io.sources import open_source
 
         src = open_source("minilm")
         state = {k: src[k] for k in src}

@@ -15,7 +15,7 @@ import time
 import torch
 from scipy import stats
 
-from ggprior import ggd
+from ggprior import gg
 from ggprior.stats import fit_model
 
 
@@ -35,12 +35,12 @@ def main() -> None:
     p.add_argument("--gamma", type=float, default=1.2)
     args = p.parse_args()
     torch.set_num_threads(1)
-    x = ggd.sample((args.n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(0))
+    x = gg.sample((args.n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(0))
     small = x[: args.scipy_n]
     mb, mb_small = x.numel() * 4 / 1e6, small.numel() * 4 / 1e6
-    t_ours, f_ours = _timed(lambda: ggd.fit(x))
-    t_ours_s, f_ours_s = _timed(lambda: ggd.fit(small))
-    t_mle, f_mle = _timed(lambda: ggd.fit(x, mle=True), repeat=1)
+    t_ours, f_ours = _timed(lambda: gg.fit(x))
+    t_ours_s, f_ours_s = _timed(lambda: gg.fit(small))
+    t_mle, f_mle = _timed(lambda: gg.fit(x, mle=True), repeat=1)
     t_scipy, (g_scipy, _, b_scipy) = _timed(lambda: stats.gennorm.fit(small.double().numpy()), repeat=1)
     t0 = time.perf_counter()
     rows = fit_model("minilm", progress=False)

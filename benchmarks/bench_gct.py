@@ -17,8 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from ggprior import ggd
-from ggprior.distributed import codec, exchange, launch
+from ggprior import gg
+from ggprior.gct import codec, exchange, launch
 
 REPEATS = 5
 
@@ -32,7 +32,7 @@ def _timed(fn, repeats: int = REPEATS) -> tuple[float, object]:
 
 
 def _grad(n: int, seed: int) -> torch.Tensor:
-    return ggd.sample((n,), 0.0, 1e-4, 0.3, generator=torch.Generator().manual_seed(seed))
+    return gg.sample((n,), 0.0, 1e-4, 0.3, generator=torch.Generator().manual_seed(seed))
 
 
 def _exchange_worker(rank: int, world: int, n: int, rel: float) -> dict:

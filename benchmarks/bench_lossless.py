@@ -36,8 +36,9 @@ import torch
 import zstandard
 
 import ggprior
+import ggprior.gg
 from ggprior.codec import lossless
-from ggprior.coding.huffman import code_lengths
+from ggprior.codec.huffman import code_lengths
 
 REPO = Path(__file__).resolve().parents[1]
 TDT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -54,7 +55,7 @@ def _cpu(fn, repeat: int):
 
 def load_tensors(model: str, quick: bool) -> dict[str, torch.Tensor]:
     if model == "minilm":
-        from ggprior.sources import floating_names, open_source
+        from ggprior.io.sources import floating_names, open_source
 
         src = open_source("minilm")
         names = floating_names(src)
@@ -71,7 +72,7 @@ def load_tensors(model: str, quick: bool) -> dict[str, torch.Tensor]:
             sd = dict(list(sd.items())[:6])
         return sd
     n = 50_000 if quick else 1_000_000
-    return {f"gg_gamma{g}": ggprior.sample((n,), beta=0.02, gamma=g, generator=torch.Generator().manual_seed(i))
+    return {f"gg_gamma{g}": ggprior.gg.sample((n,), beta=0.02, gamma=g, generator=torch.Generator().manual_seed(i))
             for i, g in enumerate((0.5, 1.0, 1.5, 2.0))}
 
 

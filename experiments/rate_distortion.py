@@ -42,8 +42,10 @@ import numpy as np
 import torch
 
 import ggprior
-from ggprior import formats, quant
+import ggprior.gg
+from ggprior import formats
 from ggprior.codec import allocate as A
+from ggprior.codec import quantizer as quant
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -93,11 +95,11 @@ def m_nf4(w: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def m_format(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, float]:
-    q = formats.quantize(w, fmt)
+    q = formats.encode(w, fmt)
     bits = 8.0 * q.codes.numel() * q.codes.element_size()
     if q.scale is not None:
         bits += 32.0 * q.scale.numel()
-    return formats.dequantize(q, fmt).reshape(w.shape).float(), bits
+    return formats.decode(q, fmt).reshape(w.shape).float(), bits
 
 
 def m_nncodec(w: torch.Tensor, qp: int) -> tuple[torch.Tensor, float]:
@@ -173,8 +175,8 @@ def nncodec_available() -> str | None:
 def minilm(p: dict):
     from transformers import AutoModel, AutoTokenizer
 
-    from ggprior.data import task_split
-    from ggprior.sources import builtin_model_dir
+    from ggprior.io.sources import builtin_model_dir
+    from ggprior.tasks.data import task_split
 
     path = str(builtin_model_dir("minilm"))
     tok = AutoTokenizer.from_pretrained(path)
@@ -215,7 +217,7 @@ def minilm(p: dict):
 
 def smollm2(p: dict):
     from formats_study import load_smollm2, perplexity
-    from ggprior.data import corpus_split
+    from ggprior.tasks.data import corpus_split
 
     model, tok = load_smollm2()
     text = "\n\n".join(corpus_split("bbc-lm", "test"))
@@ -400,7 +402,7 @@ STYLE = {"gguf": ("s", "C0"), "nf4": ("^", "C1"), "int8": ("v", "C2"), "fp8-e4m3
 
 
 def plot(results: list[dict], path: Path) -> Path:
-    from ggprior.plots import plt, save_figure
+    from ggprior.report.plots import plt, save_figure
 
     panels = [(r, "median_sqnr_db", "median SQNR (dB)") for r in results]
     panels += [(r, "quality", "cosine vs original" if r["model"].startswith("minilm") else "perplexity")
@@ -552,7 +554,7 @@ def main() -> None:
     results = []
     # synthetic GG tensors across gamma
     r_, c_ = p["synthetic_n"]
-    syn = {f"gg_gamma{g}": ggprior.sample((r_, c_), beta=0.02, gamma=g, generator=torch.Generator().manual_seed(i))
+    syn = {f"gg_gamma{g}": ggprior.gg.sample((r_, c_), beta=0.02, gamma=g, generator=torch.Generator().manual_seed(i))
            for i, g in enumerate(GAMMAS)}
     results.append(run_model("synthetic GG (gamma 0.5/1/1.5/2)", syn, p, nnc))
     # MiniLM

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import ggprior
+import ggprior.gg
 from ggprior.codec import allocate as A
 
 # (gamma, beta, sensitivity weight): tensors that differ in shape, scale and importance
@@ -18,7 +19,7 @@ SPECS = [(0.5, 0.002, 1.0), (1.0, 0.02, 4.0), (1.5, 0.05, 0.25), (2.0, 0.03, 1.0
 
 @pytest.fixture(scope="module")
 def synthetic():
-    tens = {f"t{i}": ggprior.sample((64, 256), beta=b, gamma=g, generator=torch.Generator().manual_seed(i))
+    tens = {f"t{i}": ggprior.gg.sample((64, 256), beta=b, gamma=g, generator=torch.Generator().manual_seed(i))
             for i, (g, b, _) in enumerate(SPECS)}
     weights = {f"t{i}": s[2] for i, s in enumerate(SPECS)}
     return tens, weights
@@ -64,7 +65,7 @@ def test_low_rate_limits_and_monotone():
 
 
 def test_dead_zone_table_matches_monte_carlo():
-    x = ggprior.sample((400_000,), beta=1.0, gamma=0.8, generator=torch.Generator().manual_seed(0))
+    x = ggprior.gg.sample((400_000,), beta=1.0, gamma=0.8, generator=torch.Generator().manual_seed(0))
     for t in (0.5, 0.8):
         H, D = A.rd_table(0.8, np.array([0.5]), threshold=t)
         q = A.quantize(x, 2**0.5, threshold=t)
@@ -100,7 +101,7 @@ def test_report_has_gap_to_shannon_bound(synthetic):
 def test_per_row_steps_pay_when_rows_differ():
     """Rows of very different importance: per-row steps lower the weighted error at the same real size."""
     g = torch.Generator().manual_seed(5)
-    t = ggprior.sample((64, 512), beta=0.02, gamma=1.2, generator=g)
+    t = ggprior.gg.sample((64, 512), beta=0.02, gamma=1.2, generator=g)
     rw = np.exp2(np.linspace(-6, 6, 64))
     tens = {"w": t}
     m_row = A.tensor_model("w", t, float(rw.mean()), row_weight=rw, per_row=True)

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ggprior
+import ggprior.gg
 from ggprior.codec import lossless as L
 
 WIDTH = {"bfloat16": 16, "float16": 16, "float32": 32}
@@ -28,7 +29,7 @@ def _special(dt: str) -> np.ndarray:
 
 def _gg_bits(dt: str, n: int, gamma: float, seed: int = 0) -> np.ndarray:
     g = torch.Generator().manual_seed(seed)
-    t = ggprior.sample((n,), beta=0.03, gamma=gamma, generator=g)
+    t = ggprior.gg.sample((n,), beta=0.03, gamma=gamma, generator=g)
     t = t.to({"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dt])
     return L.as_bits(t, dt)
 
@@ -89,7 +90,7 @@ def test_torch_and_float_inputs():
 
 def test_smaller_than_dfloat11_scheme_on_gg_bf16():
     """Exponent + top mantissa bits under a model beat Huffman(exponent) + 8 raw bits."""
-    from ggprior.coding.huffman import code_lengths
+    from ggprior.codec.huffman import code_lengths
 
     a = _gg_bits("bfloat16", 200_000, 1.0)
     ours = 8 * len(L.encode_tensor(a, "bf16"))

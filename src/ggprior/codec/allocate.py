@@ -20,7 +20,7 @@ and ``lam`` is found by bisection on the total size. At high rate this gives
 Per-output-channel steps: a row ``r`` may take ``s_j 2^(o_r / 4)`` (``o_r`` in [-8, 7], coded
 with a signed Exp-Golomb code of order 0 as side information), with its own GG scale (shared
 gamma) and weight; a tensor keeps per-row steps only where they lower its Lagrangian cost.
-With ``tensors=`` the real coded size (rANS under the fitted GG, :mod:`ggprior.compression`) is
+With ``tensors=`` the real coded size (rANS under the fitted GG, :mod:`ggprior.codec.lengths`) is
 measured at the chosen steps and each tensor's rate table rescaled to it, twice, so the target
 is met by the real code lengths, not only by the model.
 """
@@ -36,11 +36,12 @@ import torch
 from scipy import special
 from torch import nn
 
-from .. import compression, quant  # codec.lengths / codec.quantizer after the layout move
-from ..coding.histogram import histogram
-from ..ggd import fit as gg_fit
+from ..gg import fit as gg_fit
+from . import lengths as compression
+from . import quantizer as quant
+from .histogram import histogram
 
-SIDE_BITS = compression.STEP_BITS + compression.GG_BITS + compression.RANGE_BITS + compression.ANS_OVERHEAD_BITS
+SIDE_BITS = compression.STEP_BITS + compression.RANGE_BITS + compression.ANS_OVERHEAD_BITS
 ROW_OFFSETS = np.arange(-8, 8)
 ROW_OFFSET_BITS = (2 * np.floor(np.log2(np.where(ROW_OFFSETS > 0, 2 * ROW_OFFSETS, -2 * ROW_OFFSETS + 1))) + 1)
 ROW_OFFSET_BITS = np.where(ROW_OFFSETS == 0, 1.0, ROW_OFFSET_BITS)  # EG0 of zigzag(o): 1, 3, 3, 5, ...

@@ -46,9 +46,12 @@ import torch
 from numba import njit
 from scipy import optimize
 
-from ..coding import bits, ggmodel  # ggprior.codec.{bits, ggmodel} after the layout move
-from ..ggd import fit as gg_fit  # ggprior.gg after the layout move
-from . import rans  # the table-driven numba rANS (copied from wt-speed)
+from ..gg import fit as gg_fit
+from . import (
+    bits,
+    ggmodel,
+    rans,  # the table-driven numba rANS (copied from wt-speed)
+)
 
 # name -> (code, total bits, exponent bits, mantissa bits)
 DTYPES = {"bfloat16": (1, 16, 8, 7), "float16": (2, 16, 5, 10), "float32": (3, 32, 8, 23)}

@@ -7,8 +7,9 @@ whose entries sum to ``1 << prob_bits`` (``MIN_PROB_BITS <= prob_bits <= MAX_PRO
 table and never recompute a float model at read time.
 
 Coder (after Duda's rANS and Giesen's ``rans_byte``/interleaved variants): every state lies
-in ``[L, L << 16)`` with ``L = 2^15``, so it fits 31 bits and the encoder can divide by a
-frequency with a 32-bit reciprocal multiply. Symbol ``i`` is coded by state ``i % LANES``;
+in ``[L, L << 16)`` with ``L = 2^16`` (32 bits); the encoder divides by a frequency with an
+exact float64 reciprocal multiply, the decoder looks the symbol up in a table of ``2^prob_bits``
+slots. Symbol ``i`` is coded by state ``i % LANES``;
 the encoder runs backwards and writes 16-bit words from the end of its buffer, the decoder
 runs forwards. Every state starts (encoder) and must end (decoder) at ``L``: no sentinel is
 needed, and the final-state check catches most damage.
@@ -32,17 +33,16 @@ import sys
 import numpy as np
 from numba import njit
 
-# The one place where this module names the bit-I/O package (ggprior.codec.bits after the move).
-from ..coding.bits import CodingError, padded  # noqa: F401  (CodingError is part of this API)
-from ..coding.expgolomb import _decode as _eg_decode
-from ..coding.expgolomb import _encode as _eg_encode
+from .bits import CodingError, padded  # noqa: F401  (CodingError is part of this API)
+from .expgolomb import _decode as _eg_decode
+from .expgolomb import _encode as _eg_encode
 
 LANES = 4
-STATE_BITS = 15  # L = 2^15: states in [2^15, 2^31)
+STATE_BITS = 16  # L = 2^16: states in [2^16, 2^32)
 RANS_L = 1 << STATE_BITS
-PROB_BITS = 15
+PROB_BITS = 16
 MIN_PROB_BITS = 8
-MAX_PROB_BITS = 15
+MAX_PROB_BITS = 16
 NSYM_MAX = 1 << 20
 HEADER_BYTES = 4 * LANES
 _BIG_ENDIAN = sys.byteorder != "little"
@@ -234,64 +234,58 @@ def max_symbols(nbytes: int, freqs: np.ndarray) -> int:
 # ----------------------------------------------------------------------------- coder kernels
 
 
-@njit(cache=True)
-def _enc_tables(f: np.ndarray, pb: int) -> np.ndarray:
-    """Per-symbol encoder constants, one row each: (x_max, reciprocal, bias, complement | shift << 32).
+@njit(cache=True, nogil=True)
+def _enc_tables(f: np.ndarray, pb: int):
+    """Per-symbol encoder constants: int rows (x_max, start, freq), float rows (1 / freq, 0.5 / freq).
 
-    Giesen's reciprocal division (exact for states < 2^31). Symbols with frequency 0 get
-    ``x_max = -1``: the encoder rejects them.
+    The encoder divides ``x < 2^32`` by ``f < 2^16`` as ``floor(x * (1/f) + 0.5/f)``: the true
+    quotient's fractional part is 0 or in ``[1/f, 1 - 1/f]``, and the float64 error (below
+    ``2^32 * 2^-51 = 2^-19``) is less than ``0.5/f >= 2^-17``, so the floor is exact.
+    Symbols with frequency 0 get ``x_max = -1``: the encoder rejects them.
     """
     n = f.shape[0]
-    tab = np.zeros((n, 4), dtype=np.int64)
-    m = np.int64(1) << pb
+    itab = np.zeros((n, 3), dtype=np.int64)
+    ftab = np.zeros((n, 2), dtype=np.float64)
     acc = np.int64(0)
     for s in range(n):
         fs = f[s]
-        start = acc
+        itab[s, 1] = acc
+        itab[s, 2] = fs
         acc += fs
         if fs == 0:
-            tab[s, 0] = -1
+            itab[s, 0] = -1
             continue
-        tab[s, 0] = ((np.int64(RANS_L) >> pb) << 16) * fs
-        if fs < 2:
-            tab[s, 1] = np.int64(0xFFFFFFFF)
-            sh = 0
-            tab[s, 2] = start + m - 1
-        else:
-            sh = 0
-            while fs > (np.int64(1) << sh):
-                sh += 1
-            tab[s, 1] = ((np.int64(1) << (sh + 31)) + fs - 1) // fs
-            sh -= 1
-            tab[s, 2] = start
-        tab[s, 3] = (m - fs) | (np.int64(sh) << 32)
-    return tab
+        itab[s, 0] = ((np.int64(RANS_L) >> pb) << 16) * fs
+        ftab[s, 0] = 1.0 / fs
+        ftab[s, 1] = 0.5 / fs
+    return itab, ftab
 
 
 @njit(cache=True, inline="always")
-def _enc_put(x, s, tab, words, p):
+def _enc_put(x, s, itab, ftab, pb, words, p):
     # branch-free renormalization: the word is always stored, kept only when the state is too big
-    big = np.int64(x >= tab[s, 0])
+    big = np.int64(x >= itab[s, 0])
     words[p - 1] = np.uint16(x & 0xFFFF)
     p -= big
     x >>= 16 * big
-    c = tab[s, 3]
-    q = ((x * tab[s, 1]) >> 32) >> (c >> 32)
-    return x + tab[s, 2] + q * (c & 0xFFFFFFFF), p
+    q = np.int64(x * ftab[s, 0] + ftab[s, 1])
+    return (q << pb) + x - q * itab[s, 2] + itab[s, 1], p
 
 
-@njit(cache=True)
-def _encode_kernel(sym: np.ndarray, f: np.ndarray, pb: int):
-    """(status, bytes): status 0 ok, else 1 + the index of the first symbol with frequency 0 / out of range."""
+@njit(cache=True, nogil=True)
+def _encode_kernel(sym: np.ndarray, f: np.ndarray, pb: int, out: np.ndarray):
+    """(status, bytes): status 0 ok, else 1 + the index of the first symbol with frequency 0 / out of range.
+
+    ``out``: a NumPy buffer of ``HEADER_BYTES + 2 n`` bytes (the result is a view of its tail).
+    """
     n = sym.shape[0]
     nsym = f.shape[0]
-    tab = _enc_tables(f, pb)
+    itab, ftab = _enc_tables(f, pb)
     for i in range(n):
         s = np.int64(sym[i])
-        if s < 0 or s >= nsym or tab[s, 0] < 0:
+        if s < 0 or s >= nsym or itab[s, 0] < 0:
             return 1 + i, np.zeros(0, dtype=np.uint8)
     # words are written backwards from the end, after room for the header: the result is a view
-    out = np.empty(HEADER_BYTES + 2 * n, dtype=np.uint8)
     words = out[HEADER_BYTES:].view(np.uint16)  # native order; fixed below if big-endian
     p = n
     x0 = np.int64(RANS_L)
@@ -304,17 +298,17 @@ def _encode_kernel(sym: np.ndarray, f: np.ndarray, pb: int):
         s = np.int64(sym[i])
         lane = i & 3
         if lane == 0:
-            x0, p = _enc_put(x0, s, tab, words, p)
+            x0, p = _enc_put(x0, s, itab, ftab, pb, words, p)
         elif lane == 1:
-            x1, p = _enc_put(x1, s, tab, words, p)
+            x1, p = _enc_put(x1, s, itab, ftab, pb, words, p)
         else:
-            x2, p = _enc_put(x2, s, tab, words, p)
+            x2, p = _enc_put(x2, s, itab, ftab, pb, words, p)
         i -= 1
     while i >= 3:
-        x3, p = _enc_put(x3, np.int64(sym[i]), tab, words, p)
-        x2, p = _enc_put(x2, np.int64(sym[i - 1]), tab, words, p)
-        x1, p = _enc_put(x1, np.int64(sym[i - 2]), tab, words, p)
-        x0, p = _enc_put(x0, np.int64(sym[i - 3]), tab, words, p)
+        x3, p = _enc_put(x3, np.int64(sym[i]), itab, ftab, pb, words, p)
+        x2, p = _enc_put(x2, np.int64(sym[i - 1]), itab, ftab, pb, words, p)
+        x1, p = _enc_put(x1, np.int64(sym[i - 2]), itab, ftab, pb, words, p)
+        x0, p = _enc_put(x0, np.int64(sym[i - 3]), itab, ftab, pb, words, p)
         i -= 4
     # the header goes right before the first word
     k = HEADER_BYTES + 2 * p - HEADER_BYTES
@@ -326,37 +320,42 @@ def _encode_kernel(sym: np.ndarray, f: np.ndarray, pb: int):
     return 0, out[k:]
 
 
-@njit(cache=True)
-def _dec_table(f: np.ndarray, pb: int) -> np.ndarray:
-    """One int64 per slot: symbol << 32 | frequency << 16 | (slot - start of the symbol)."""
-    m = 1 << pb
-    tab = np.empty(m, dtype=np.int64)
+@njit(cache=True, nogil=True)
+def _dec_tables(f: np.ndarray, pb: int, slot_sym: np.ndarray) -> np.ndarray:
+    """Fill ``slot_sym`` (the symbol of each of the ``2^pb`` slots); returns freq << 32 | start per symbol."""
+    sym_tab = np.empty(f.shape[0], dtype=np.int64)
     acc = 0
     for s in range(f.shape[0]):
-        e = (np.int64(s) << 32) | (f[s] << 16)
-        for j in range(f[s]):
-            tab[acc + j] = e | j
+        sym_tab[s] = (f[s] << 32) | acc
+        for j in range(acc, acc + f[s]):
+            slot_sym[j] = s
         acc += f[s]
-    return tab
+    return sym_tab
 
 
 @njit(cache=True, inline="always")
-def _dec_step(x, tab, mask, pb, buf, p, last):
+def _dec_step(x, slot_sym, sym_tab, mask, pb, buf, p, last):
     # branch-free renormalization; reads are clamped into the buffer (``last`` = its last word's
     # offset) and the caller checks afterwards that no read went past the end
-    e = tab[x & mask]
-    x = ((e >> 16) & 0xFFFF) * (x >> pb) + (e & 0xFFFF)
+    slot = x & mask
+    s = np.int64(slot_sym[slot])
+    e = sym_tab[s]
+    x = (e >> 32) * (x >> pb) + slot - (e & 0xFFFFFFFF)
     need = np.int64(x < RANS_L)
     r = min(p, last)
     w = np.int64(buf[r]) | (np.int64(buf[r + 1]) << 8)
     x = (x << (16 * need)) | (w & -need)
-    return x, np.int32(e >> 32), p + 2 * need
+    return x, np.int32(s), p + 2 * need
 
 
-@njit(cache=True)
-def _decode_kernel(buf: np.ndarray, end: int, n: int, f: np.ndarray, pb: int):
-    """(values, status): status 0 ok, 1 truncated, 2 bad initial state, 3 bad final state, 4 data left over."""
-    out = np.empty(n, dtype=np.int32)
+@njit(cache=True, nogil=True)
+def _decode_kernel(buf: np.ndarray, end: int, n: int, f: np.ndarray, pb: int, slot_sym: np.ndarray,
+                   out: np.ndarray):
+    """(values, status): status 0 ok, 1 truncated, 2 bad initial state, 3 bad final state, 4 data left over.
+
+    ``out`` (int32, n) comes from NumPy: its large allocations use transparent huge pages, and
+    first-touch page faults on a numba allocation cost as much as the decoding.
+    """
     lim = np.int64(RANS_L) << 16
     xs = np.empty(LANES, dtype=np.int64)
     for lane in range(LANES):
@@ -367,16 +366,16 @@ def _decode_kernel(buf: np.ndarray, end: int, n: int, f: np.ndarray, pb: int):
             return out, 2
         xs[lane] = v
     x0, x1, x2, x3 = xs[0], xs[1], xs[2], xs[3]
-    tab = _dec_table(f, pb)
+    sym_tab = _dec_tables(f, pb, slot_sym)
     mask = (np.int64(1) << pb) - 1
     p = HEADER_BYTES
     last = max(end - 2, 0)
     i = 0
     while i + 4 <= n:
-        x0, s0, p = _dec_step(x0, tab, mask, pb, buf, p, last)
-        x1, s1, p = _dec_step(x1, tab, mask, pb, buf, p, last)
-        x2, s2, p = _dec_step(x2, tab, mask, pb, buf, p, last)
-        x3, s3, p = _dec_step(x3, tab, mask, pb, buf, p, last)
+        x0, s0, p = _dec_step(x0, slot_sym, sym_tab, mask, pb, buf, p, last)
+        x1, s1, p = _dec_step(x1, slot_sym, sym_tab, mask, pb, buf, p, last)
+        x2, s2, p = _dec_step(x2, slot_sym, sym_tab, mask, pb, buf, p, last)
+        x3, s3, p = _dec_step(x3, slot_sym, sym_tab, mask, pb, buf, p, last)
         out[i] = s0
         out[i + 1] = s1
         out[i + 2] = s2
@@ -385,7 +384,7 @@ def _decode_kernel(buf: np.ndarray, end: int, n: int, f: np.ndarray, pb: int):
     xs[0], xs[1], xs[2], xs[3] = x0, x1, x2, x3
     while i < n:
         lane = i & 3
-        xl, s, p = _dec_step(xs[lane], tab, mask, pb, buf, p, last)
+        xl, s, p = _dec_step(xs[lane], slot_sym, sym_tab, mask, pb, buf, p, last)
         xs[lane] = xl
         out[i] = s
         i += 1
@@ -414,7 +413,7 @@ def encode(symbols: np.ndarray, freqs: np.ndarray) -> bytes:
         if int(a.max()) >= f.size:
             raise CodingError(f"rANS: symbol {int(a.max())} outside the alphabet [0, {f.size})")
         a = a.astype(np.int64)
-    status, out = _encode_kernel(np.ascontiguousarray(a), f, pb)
+    status, out = _encode_kernel(np.ascontiguousarray(a), f, pb, np.empty(HEADER_BYTES + 2 * a.size, dtype=np.uint8))
     if status:
         i = status - 1
         raise CodingError(f"rANS: symbol {int(a[i])} at index {i} is outside the alphabet [0, {f.size}) "
@@ -441,7 +440,8 @@ def decode(data: bytes | bytearray | memoryview, freqs: np.ndarray, n: int) -> n
     if n > max_symbols(nbytes, f):
         raise CodingError(f"rANS: {n} symbols cannot be coded in {nbytes} bytes under this table")
     buf = np.frombuffer(data, dtype=np.uint8)
-    out, status = _decode_kernel(buf, nbytes, n, f, pb)
+    slot_sym = np.empty(1 << pb, dtype=np.uint16 if f.size <= 1 << 16 else np.int32)
+    out, status = _decode_kernel(buf, nbytes, n, f, pb, slot_sym, np.empty(n, dtype=np.int32))
     if status == 1:
         raise CodingError(f"rANS: stream truncated ({nbytes} bytes hold fewer than {n} symbols)")
     if status == 2:

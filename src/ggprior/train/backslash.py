@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ggd import rho
+from ..gg.math import rho
 from .loop import Callback, TrainError
 
 NU_RANGE = (0.1, 3.0)
@@ -81,9 +81,9 @@ def moment_sums(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     if not tensors:
         raise TrainError("no tensors to estimate a GG shape from")
     with torch.no_grad():
-        l1 = torch.stack([torch.linalg.vector_norm(t.detach().float(), 1) for t in tensors])
-        l2 = torch.stack([torch.linalg.vector_norm(t.detach().float(), 2) for t in tensors])
-        sums = torch.stack([l1.double(), l2.double().square()], dim=1).cpu().numpy()
+        l1 = torch.stack([torch.linalg.vector_norm(t.detach(), 1, dtype=torch.float64) for t in tensors])
+        l2 = torch.stack([torch.linalg.vector_norm(t.detach(), 2, dtype=torch.float64) for t in tensors])
+        sums = torch.stack([l1, l2.square()], dim=1).cpu().numpy()
     counts = np.array([[t.numel()] for t in tensors], dtype=np.float64)
     return np.concatenate([counts, sums], axis=1)
 
