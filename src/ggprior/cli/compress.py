@@ -15,6 +15,9 @@ BITS_HELP = "per-tensor step of a symmetric fixed-length quantizer of this many 
 REL_HELP = "per-tensor step giving this relative RMS error"
 SELECT_HELP = "quantize 'all' floating tensors, or only 'matrices' (norms and biases kept exact)"
 JOBS_HELP = "threads coding chunks (default: every core)"
+LOSSLESS_HELP = "store every bf16/fp16/fp32 tensor bit-exactly (NaN and Inf included); no quantization"
+TARGET_HELP = ("bits/weight over the quantized tensors: per-tensor steps from the GG-model bit allocation "
+               "(uniform sensitivity; --coder ans or ans-hist)")
 INCLUDE_GONE = "use --select all|matrices (--include is a tensor-name regex, as in ggprior quantize)"
 
 
@@ -49,24 +52,32 @@ def compress_cmd(
     gg_fit: str = typer.Option("moment", "--gg-fit", help="GG fit for --coder ans: moment or ml"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     jobs: int = typer.Option(None, "--jobs", min=1, help=JOBS_HELP),
+    lossless: bool = typer.Option(False, "--lossless", help=LOSSLESS_HELP),
+    target_bits: float = typer.Option(None, "--target-bits", help=TARGET_HELP),
     old_include: str = typer.Option(None, "--include", hidden=True),
 ) -> None:
     """Quantize and entropy-code a model into a .ggz file (a folder's config and tokenizer files go inside)."""
     renamed(old_include, "--include", INCLUDE_GONE)
+    rule = _step_args(step, bits, rel_error)
+    given = [f for f, v in (("--step", step), ("--bits", bits), ("--rel-error", rel_error)) if v is not None]
+    if lossless and (target_bits is not None or given):
+        fail(f"--lossless stores the exact values: it takes no {' or '.join(given or ['--target-bits'])}")
+    if target_bits is not None and given:
+        fail(f"--target-bits chooses the steps: it takes no {given[0]}")
     check_output(out, (source,), overwrite=overwrite)
     from ..codec import save_compressed, stored_bytes
 
     try:
         header = save_compressed(source, out, coder=coder, include=_select(select), gg_fit=gg_fit, progress=True,
-                                 jobs=jobs, **_step_args(step, bits, rel_error))
+                                 jobs=jobs, lossless=lossless, target_bits=target_bits, **rule)
     except _errors() as e:
         fail(str(e))
-    q = [e for e in header["tensors"] if e["encoding"] == "quantized"]
+    q = [e for e in header["tensors"] if e["encoding"] == ("lossless" if lossless else "quantized")]
     n = sum(_numel(e) for e in q)
     qbytes = sum(stored_bytes(e) for e in q)
     tied = sum(e["encoding"] == "alias" for e in header["tensors"])
-    console.print(f"wrote {out}: {header['file_bytes']:,} bytes; {len(q)} quantized tensors, {n:,} weights at "
-                  f"{8 * qbytes / max(n, 1):.4f} bits/weight ({coder}); "
+    console.print(f"wrote {out}: {header['file_bytes']:,} bytes; {len(q)} {'lossless' if lossless else 'quantized'} tensors, "
+                  f"{n:,} weights at {8 * qbytes / max(n, 1):.4f} bits/weight ({'lossless' if lossless else coder}); "
                   f"{len(header['tensors']) - len(q) - tied} tensors stored raw; {tied} tied to another (stored once); "
                   f"{len(header['files'])} side files")
 

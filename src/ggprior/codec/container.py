@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import lossless, rans, registry
 from . import quantizer as quant
-from . import rans, registry
 from .bits import CodingError
 from .ggmodel import GGParams
 from .header import (  # noqa: F401  (the format's names, re-exported: container is the .ggz module)
@@ -202,6 +202,8 @@ class Reader:
         shape = tuple(e["shape"])
         if e["encoding"] == "raw":
             return _from_raw(self.stream(e, f"tensor {e['name']!r}"), e["dtype"], shape)
+        if e["encoding"] == "lossless":
+            return self._lossless(e).reshape(shape)
         dtype = DTYPES[e["dtype"]][0]
         out = torch.empty(math.prod(shape), dtype=dtype)
         bounds, decode = self._chunk_decoder(e)
@@ -213,6 +215,24 @@ class Reader:
 
         list(self._pool.map(put, range(len(bounds))))
         return out.reshape(shape)
+
+    def _lossless(self, e: dict) -> torch.Tensor:
+        """A lossless entry's exact bit patterns, chunks decoded in parallel, viewed as its dtype (flat)."""
+        tag = f"{self.path}: tensor {e['name']!r}"
+        wide = e["dtype"] == "float32"
+        out = np.empty(math.prod(e["shape"]), dtype=np.uint32 if wide else np.uint16)
+        starts = np.cumsum([0] + [c["n"] for c in e["chunks"]])
+
+        def put(i: int) -> None:
+            c = e["chunks"][i]
+            data = self.stream(c, f"tensor {e['name']!r}")
+            try:
+                out[starts[i] : starts[i + 1]] = lossless.decode_tensor(data, e["dtype"], c["n"])
+            except CodingError as err:
+                raise ContainerError(f"{tag}: {err}") from err
+
+        list(self._pool.map(put, range(len(e["chunks"]))))
+        return torch.from_numpy(out.view(np.int32 if wide else np.int16)).view(DTYPES[e["dtype"]][0])
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor in file order; an alias yields the very tensor object of its target."""

@@ -45,6 +45,8 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {
 }
 _NAME_OF = {v[0]: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+LOSSLESS_DTYPES = ("float32", "float16", "bfloat16")
+"""Dtypes of ``lossless`` entries (version 2; :mod:`ggprior.codec.lossless`)."""
 
 
 class ContainerError(ValueError):
@@ -138,6 +140,25 @@ def _validate_v1(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
     return [(e["offset"], e["length"])]
 
 
+def _validate_lossless(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
+    """A lossless entry (version 2): bf16/fp16/fp32, chunks ``{n, offset, length, crc32}`` covering the tensor."""
+    if e["dtype"] not in LOSSLESS_DTYPES:
+        raise ContainerError(f"{tag}: lossless tensor of dtype {e['dtype']!r} (expected one of {LOSSLESS_DTYPES})")
+    chunks = e.get("chunks")
+    if not isinstance(chunks, list) or not chunks:
+        raise ContainerError(f"{tag}: lossless tensor without chunks")
+    spans, total = [], 0
+    for c in chunks:
+        if not isinstance(c, dict) or not is_int(c.get("n")) or not 1 <= c["n"] <= CHUNK_MAX:
+            raise ContainerError(f"{tag}: invalid chunk (each holds 1 to {CHUNK_MAX} values)")
+        _check_stream(c, tag, "chunk ")
+        total += c["n"]
+        spans.append((c["offset"], c["length"]))
+    if total != numel:
+        raise ContainerError(f"{tag}: chunks hold {total} values, the shape {numel}")
+    return spans
+
+
 def _validate_v2(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
     enc = e.get("encoding")
     if enc == "alias":
@@ -146,6 +167,8 @@ def _validate_v2(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
         return []
     if enc == "raw":
         return _validate_v1(e, tag, numel)
+    if enc == "lossless":
+        return _validate_lossless(e, tag, numel)
     if enc != "quantized":
         raise ContainerError(f"{tag}: unknown encoding {enc!r}")
     _check_quantized_common(e, tag)

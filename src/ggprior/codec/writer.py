@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from ..io.atomic import atomic_path
 from ..io.sources import open_source, side_files
-from . import ggmodel, rans, registry
+from . import ggmodel, lossless, rans, registry
 from . import quantizer as quant
 from .bits import CodingError
 from .header import (
@@ -33,6 +34,7 @@ from .header import (
     FLOAT_DTYPES,
     FORMAT,
     HEADER_MAX,
+    LOSSLESS_DTYPES,
     MAGIC,
     PIECE_VALUES,
     PREFIX,
@@ -47,6 +49,7 @@ from .header import (
     qcrc,
 )
 from .histogram import Histogram, histogram
+from .target import target_steps
 
 
 def default_jobs() -> int:
@@ -142,6 +145,33 @@ def _encode_tensor(t: torch.Tensor, name: str, coder: str, rule: dict, gg_fit: s
     return e
 
 
+def _encode_lossless(t: torch.Tensor, dtype: str, pool: ThreadPoolExecutor, spool: _Spool, chunk_values: int) -> dict:
+    """Code a bf16/fp16/fp32 tensor bit-exactly (:mod:`ggprior.codec.lossless`), chunk by chunk in parallel."""
+    flat = t.detach().to("cpu").reshape(-1)
+
+    def encode_chunk(ab: tuple[int, int]) -> tuple[int, bytes]:
+        return ab[1] - ab[0], lossless.encode_tensor(flat[ab[0] : ab[1]].contiguous(), dtype)
+
+    chunks = []
+    for n, data in pool.map(encode_chunk, chunk_bounds(flat.numel(), chunk_values)):
+        chunks.append({"n": n, **spool.put(data)})
+    return {"encoding": "lossless", "chunks": chunks}
+
+
+def _step_rules(src, names: list[str], rule: dict, target_bits: float | None, coder: str, gg_fit: str,
+                weights: Mapping[str, float] | None, chunk_values: int) -> tuple[dict[str, dict], str | None]:
+    """Each quantized tensor's step rule: the common ``rule``, or the steps of a ``target_bits`` allocation."""
+    if target_bits is None:
+        if weights is not None:
+            raise ContainerError("sensitivity weights are used only with target_bits")
+        return {k: rule for k in names}, None
+    if not names:
+        raise ContainerError(f"{src.label}: target_bits given, but no tensor is quantized")
+    steps, info = target_steps(src, names, target_bits, coder=coder, gg_fit=gg_fit, weights=weights,
+                               chunk_values=chunk_values)
+    return {k: {"step": s, "bits": None, "rel": None} for k, s in steps.items()}, f"target_bits={target_bits:g}"
+
+
 def save_compressed(
     source: str | os.PathLike | nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -157,6 +187,9 @@ def save_compressed(
     jobs: int | None = None,
     chunk_values: int = CHUNK_VALUES,
     progress: bool = False,
+    lossless: bool = False,
+    target_bits: float | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> dict:
     """Quantize and entropy-code a model into a ``.ggz`` file (format version 2, written atomically).
 
@@ -168,9 +201,20 @@ def save_compressed(
     ``"matrices"``); other tensors are stored raw. ``coder`` is one of ``fl, eg, huffman, ans,
     ans-hist``. ``jobs`` threads code the chunks (default: every core). Returns the header (with
     ``file_bytes``).
+
+    ``lossless=True`` stores every bf16/fp16/fp32 tensor bit-exactly (NaN, Inf, subnormals and
+    -0.0 included) with :mod:`ggprior.codec.lossless` (float64 raw); no step rule may be given.
+    ``target_bits=B`` chooses each quantized tensor's step by the GG-model bit allocation so the
+    quantized tensors take ``B`` bits/weight in the file (:mod:`ggprior.codec.target`; ``weights``:
+    optional sensitivity weight per tensor name, default uniform); the ``ans`` coders only.
     """
     coder = registry.check_coder(coder)
-    step, bits, rel_error = quant.resolve_rule(step, bits, rel_error)
+    if (lossless or target_bits is not None) and (step is not None or bits is not None or rel_error is not None):
+        raise ContainerError(f"{'lossless' if lossless else 'target_bits'} takes no step, bits or rel_error")
+    if lossless and target_bits is not None:
+        raise ContainerError("lossless and target_bits exclude each other")
+    step, bits, rel_error = (None, None, None) if lossless or target_bits is not None else \
+        quant.resolve_rule(step, bits, rel_error)
     rule = {"step": step, "bits": bits, "rel": rel_error}
     if not 1 <= int(chunk_values) <= CHUNK_MAX:
         raise ContainerError(f"chunk_values must lie in [1, {CHUNK_MAX}], got {chunk_values}")
@@ -187,6 +231,9 @@ def save_compressed(
     if sum(len(d) for d in files.values()) > FILES_MAX:
         raise ContainerError(f"{where}: the model's side files exceed {FILES_MAX} bytes together")
     aliases = src.aliases()
+    quantized = [] if lossless else [k for k in src if k not in aliases and _NAME_OF.get(src.dtype(k)) in FLOAT_DTYPES
+                                     and math.prod(src.shape(k)) and quant.is_included(k, tuple(src.shape(k)), include)]
+    rules, target_rule = _step_rules(src, quantized, rule, target_bits, coder, gg_fit, weights, chunk_values)
     entries: list[dict] = []
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,16 +250,22 @@ def save_compressed(
             e: dict = {"name": name, "shape": shape, "dtype": dtype}
             if name in aliases:
                 e.update(encoding="alias", of=aliases[name])
-            elif dtype in FLOAT_DTYPES and numel and quant.is_included(name, tuple(shape), include):
+            elif lossless and dtype in LOSSLESS_DTYPES and numel:
                 try:
-                    e.update(_encode_tensor(src[name], name, coder, rule, gg_fit, pool, spool, chunk_values))
+                    e.update(_encode_lossless(src[name], dtype, pool, spool, chunk_values))
+                except CodingError as err:
+                    raise ContainerError(f"{tag}: {err}") from err
+            elif name in rules:
+                try:
+                    e.update(_encode_tensor(src[name], name, coder, rules[name], gg_fit, pool, spool, chunk_values))
                 except CodingError as err:
                     raise ContainerError(f"{tag}: {err}") from err
             else:
                 e.update(encoding="raw", **spool.put(_raw_bytes(src[name])))
             entries.append(e)
         stored = [{"name": k, **spool.put(v)} for k, v in files.items()]
-        meta = {"source": where, "coder": coder, "include": include, "step_rule": quant.step_rule(step, bits, rel_error)}
+        meta = {"source": where, "coder": "lossless" if lossless else coder, "include": include,
+                "step_rule": "lossless" if lossless else target_rule or quant.step_rule(step, bits, rel_error)}
         if skipped:
             meta["files_skipped"] = ", ".join(skipped)
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
