@@ -238,7 +238,8 @@ class BackSlash(Callback):
     def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
         pairs = rate_parameters(model, self.params)
         if not pairs:
-            raise TrainError("BackSlash: the model has no parameters in the selected set")
+            what = "trainable matrices (parameters with >= 2 dims)" if self.params == "matrices" else "trainable parameters"
+            raise TrainError(f"BackSlash: {type(model).__name__} has no {what} to apply the rate to")
         self.tensors = [p for _, p in pairs]
         self.n = sum(p.numel() for p in self.tensors)
         self._weights = torch.tensor([p.numel() / self.n for p in self.tensors], dtype=torch.float64,
