@@ -118,8 +118,10 @@ def model(measured: list[dict], speed: dict) -> dict:
     rs_rows = [r for r in measured if r["method"] == "gct-reduce_scatter"]
     rs = max(rs_rows, key=lambda r: r["world"])
     c2 = max(8 * rs["payload_bytes_per_step"] / n - c1, 0.0)
-    psgd = [r for r in measured if r["method"] == "powersgd"]
-    psgd_frac = min(r["payload_bytes_per_step"] for r in psgd) / (4 * n)
+    # PowerSGD runs plain allreduce for its first 2 steps (powersgd_start=2): take them out
+    psgd = [r for r in measured if r["method"] == "powersgd" and r["steps"] > 2]
+    psgd_frac = min((r["payload_bytes_per_step"] * r["steps"] - 2 * 4 * n) / (r["steps"] - 2) for r in psgd) / (4 * n) \
+        if psgd else 1.0
     bits = {"gct1": c1, "gct2": c2}
     frame_overhead = 60.0  # header (14 B) + rANS count table (tens of bytes) per frame; assumption
     out = {"assumptions": {"alpha_s": ALPHA_S, "frame_overhead_bytes": frame_overhead, "bits_per_value": bits,
