@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = _data(args.steps * args.batch_size, args.seq, args.vocab)
@@ -65,8 +68,13 @@ def main() -> None:
         "threads": args.threads, "device": args.device, "machine": platform.machine(),
         "seconds_per_step": best,
         "ratio_vs_plain": {v: best[v] / best["plain"] for v in VARIANTS if v != "plain"},
+        "load_average_1min": os.getloadavg()[0],
     }
-    print(json.dumps(out, indent=1))
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
