@@ -293,7 +293,7 @@ def _deep_run(rank: int, world: int, exchange: str, steps: int) -> dict:
     with torch.no_grad():
         rel = max(float((p - r).norm() / r.norm()) for p, r in zip(model.parameters(), ref.parameters(), strict=True))
         torch.manual_seed(0)
-        moved = min(float((p - p0).norm() / p0.norm()) for p, p0 in zip(ref.parameters(), Deep().parameters(),
+        moved = max(float((p - p0).norm() / p0.norm()) for p, p0 in zip(ref.parameters(), Deep().parameters(),
                                                                          strict=True))
     s = state.stats
     return {"same": same, "rel": rel, "moved": moved, "buckets": s.buckets,
@@ -307,8 +307,9 @@ def test_many_buckets_survive_the_rebuild_and_track_allreduce(exchange):
     for r in res:
         assert r["buckets"] >= 1 + 5 * 4 and r["steps"] == 6 and r["raw"] == 0
         assert r["same"], "workers hold different parameters"
-        # GCT at rel_step 0.02 against fp32 allreduce after 6 SGD steps: parameters within 1% (they moved >10%)
-        assert r["rel"] < 0.01 and r["moved"] > 0.1, r
+        # GCT at rel_step 0.02 against fp32 allreduce after 6 SGD steps: every parameter within 1%, and
+        # far closer to the allreduce run than to where it started
+        assert r["rel"] < 0.01 and r["rel"] < 0.2 * r["moved"], r
     assert res[0]["payload"] < 0.5 * 4 * res[0]["values"]
 
 

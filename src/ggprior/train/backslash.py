@@ -242,7 +242,7 @@ class BackSlash(Callback):
             raise TrainError(f"BackSlash: {type(model).__name__} has no {what} to apply the rate to")
         self.tensors = [p for _, p in pairs]
         self.n = sum(p.numel() for p in self.tensors)
-        self._weights = torch.tensor([p.numel() / self.n for p in self.tensors], dtype=torch.float64,
+        self._weights = torch.tensor([float(p.numel()) for p in self.tensors], dtype=torch.float64,
                                      device=self.tensors[0].device)
 
     def on_epoch_begin(self, model: nn.Module, epoch: int) -> None:
@@ -299,7 +299,7 @@ class BackSlash(Callback):
             self.step_(step)
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict:
-        nu_mean = float(self._nu_sum) / self._nu_count if self._nu_count else None
+        nu_mean = float(self._nu_sum) / (self.n * self._nu_count) if self._nu_count else None
         with torch.no_grad():
             nu_now = estimate_nu(self.tensors, False, self.nu_range)[0]
             zeros = sum(int((p == 0).sum()) for p in self.tensors) / self.n
