@@ -335,10 +335,28 @@ def _code(x: torch.Tensor, raw: torch.Tensor, cfg: GCTConfig, whole: bool = True
     return encode_raw(raw), None, None, 1.0
 
 
-def _decode_into(frames: list[bytes], bounds: list[int] | None, n: int, out: torch.Tensor, who: str) -> bool:
-    """Sum of decoded ``frames`` (``bounds`` None) or their concatenation by shard into ``out``; True if any was raw."""
+def _dequant(qn: np.ndarray | None, step: float, raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """What decoding this worker's own frame gives, without decoding it (bit-identical)."""
+    if qn is None:
+        return raw.to(like.dtype)
+    return torch.from_numpy(qn).to(like.device, like.dtype) * step
+
+
+def _decode_into(frames: list[bytes], bounds: list[int] | None, n: int, out: torch.Tensor, who: str,
+                 own: tuple[int, torch.Tensor] | None = None) -> bool:
+    """Sum of decoded ``frames`` (``bounds`` None) or their concatenation by shard into ``out``; True if any was raw.
+
+    ``own`` = (rank, values): this worker's frame is not decoded, its values are used (the same numbers).
+    """
     raw = False
     for i, f in enumerate(frames):
+        if own is not None and i == own[0]:
+            t = own[1]
+            if bounds is None:
+                out += t
+            else:
+                out[bounds[i]:bounds[i + 1]] = t
+            continue
         vals, step = decode_frame(f)
         raw = raw or vals.dtype.kind == "f"
         want = n if bounds is None else bounds[i + 1] - bounds[i]
@@ -422,14 +440,14 @@ def _exchange_bucket(state: GCTState, buf: torch.Tensor, layout: _Layout, params
     device = buf.device
     g = buf.detach().float()
     if mode == "allgather":
-        frame, new_res, qn, _ = _code(x, g, cfg)
+        frame, new_res, qn, step = _code(x, g, cfg)
         code_s = time.perf_counter() - t0
         try:
             frames, block = _gather_bytes(frame, group, device)
         except RuntimeError as e:
             raise _collective_error(rank, e) from e
         t1 = time.perf_counter()
-        _decode_into(frames, None, n, total, who)
+        _decode_into(frames, None, n, total, who, own=(rank, _dequant(qn, step, g, x)))
         total /= world
         stats.payload_bytes += len(frame)
         stats.wire_bytes += (world - 1) * (8 + block)
@@ -447,7 +465,11 @@ def _exchange_bucket(state: GCTState, buf: torch.Tensor, layout: _Layout, params
             raise _collective_error(rank, e) from e
         t1 = time.perf_counter()
         mine = torch.zeros(bounds[rank + 1] - bounds[rank], dtype=x.dtype, device=device)
+        lo, hi = bounds[rank], bounds[rank + 1]
         for i, f in enumerate(got):
+            if i == rank:
+                mine += _dequant(None if qn is None else qn[lo:hi], step, g[lo:hi], x)
+                continue
             vals, step_i = decode_frame(f)
             if vals.size != mine.numel():
                 raise GCTError(f"{who}: worker {i} sent {vals.size} values of shard {rank} where {mine.numel()} "
@@ -456,9 +478,8 @@ def _exchange_bucket(state: GCTState, buf: torch.Tensor, layout: _Layout, params
         mine /= world
         # second stage: this worker's shard of the average, re-quantized with its own error feedback
         full_e2 = state.get("residual2", layout, x) if cfg.error_feedback else None
-        lo, hi = bounds[rank], bounds[rank + 1]
         y = mine + full_e2[lo:hi] if full_e2 is not None else mine
-        frame2, res2, _, _ = _code(y, mine, cfg)
+        frame2, res2, qn2, step2 = _code(y, mine, cfg)
         if cfg.error_feedback and res2 is not None:
             if full_e2 is None:
                 full_e2 = torch.zeros_like(x)
@@ -471,7 +492,7 @@ def _exchange_bucket(state: GCTState, buf: torch.Tensor, layout: _Layout, params
         except RuntimeError as e:
             raise _collective_error(rank, e) from e
         t1 = time.perf_counter()
-        _decode_into(shards, bounds, n, total, who)
+        _decode_into(shards, bounds, n, total, who, own=(rank, _dequant(qn2, step2, mine, x)))
         sent = sum(len(c) for j, c in enumerate(chunks) if j != rank)
         stats.payload_bytes += sum(len(c) for c in chunks) + len(frame2)
         stats.wire_bytes += 8 * 2 * (world - 1) + sent + (world - 1) * block
