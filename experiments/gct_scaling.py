@@ -158,6 +158,63 @@ def plot(res: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.3g}"
+
+
+def write_readme(res: dict, out: Path) -> None:
+    a = res["model"]["assumptions"]
+    lines = ["# GCT at 2 and 4 workers, and a byte / bandwidth model to 1024", "",
+             f"Command: `{res['command']}` (under `flock /tmp/ggprior-heavy.lock`; 2 shared CPU cores, "
+             f"load average {res.get('load_average_1min', float('nan')):.1f} when it finished). Data: `scaling.json`; "
+             "plot: `scaling.png`. Design and formulas: [docs/gct.md](../../gct.md).", "",
+             "## Measured (gloo, CPU processes on one machine; small BERT on spam, "
+             f"{res['measured'][0]['values']:,} gradient values)", "",
+             "| workers | method | steps | test accuracy | coded payload B/step | wire B/step per worker | vs fp32 wire | s/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {r["world"]: r for r in res["measured"] if r["method"] == "allreduce"}
+    mod = next(iter(res["model"]["models"].values()))
+    pred = {row["world"]: row["bytes"] for row in mod["rows"]}
+    lines[-2] = lines[-2].rstrip("|") + " model B/step |"
+    lines[-1] = lines[-1] + "---|"
+    for r in res["measured"]:
+        p = pred.get(r["world"], {}).get(r["method"])
+        lines.append(f"| {r['world']} | {r['method']} | {r['steps']} | {r['accuracy']:.3f} | "
+                     f"{r['payload_bytes_per_step']:,.0f} | {r['wire_bytes_per_step']:,.0f} | "
+                     f"{r['wire_bytes_per_step'] / base[r['world']]['wire_bytes_per_step']:.3f} | "
+                     f"{r['seconds_per_step']:.3f} | {'' if p is None else f'{p:,.0f}'} |")
+    lines += ["", "Wire bytes: what one worker puts on the links per step (ring allreduce 2(W-1)/W x payload for "
+              "fp32, fp16 and PowerSGD; for GCT the padded all_gather blocks it forwards on a ring, its all_to_all "
+              "chunks to the others and the length headers). Accuracy after a short run (one seed); it says the "
+              "exchanges train, not which is best.", "",
+              "## Model", "",
+              f"Assumptions: bits per value of GCT's stages measured above (stage 1 {a['bits_per_value']['gct1']:.2f}, "
+              f"stage 2 {a['bits_per_value']['gct2']:.2f}; taken as independent of W); PowerSGD sends "
+              f"{a['powersgd_fraction_of_fp32']:.3f} of fp32's values (measured, rank 2); {a['frame_overhead_bytes']:.0f} "
+              f"bytes of header and count table per frame; {a['alpha_s'] * 1e6:.0f} us per message; ring collectives; "
+              "coding time from this CPU (rANS: encode "
+              f"{a['coder_speed']['ans']['encode_s_per_value'] * 1e9:.1f} ns/value, decode "
+              f"{a['coder_speed']['ans']['decode_s_per_value'] * 1e9:.1f} ns/value, one core), added in full (no overlap "
+              "with the backward pass: the worst case for GCT). Links: every worker has its own link of the given "
+              "speed.", ""]
+    for label, m in res["model"]["models"].items():
+        meths = list(m["rows"][0]["bytes"])
+        lines += [f"### {label} ({m['buckets']} bucket(s))", "", "MB sent per worker per step:", "",
+                  "| workers | " + " | ".join(meths) + " |", "|---" * (len(meths) + 1) + "|"]
+        for r in m["rows"]:
+            lines.append(f"| {r['world']} | " + " | ".join(_mb(r["bytes"][k]) for k in meths) + " |")
+        for g in LINKS_GBPS:
+            lines += ["", f"Seconds per step of communication (+ coding) at {g} Gb/s; the fastest in bold:", "",
+                      "| workers | " + " | ".join(meths) + " |", "|---" * (len(meths) + 1) + "|"]
+            for r in m["rows"]:
+                t = r["seconds"][f"{g}Gbps"]
+                best = min(t, key=t.get)
+                lines.append(f"| {r['world']} | " + " | ".join(
+                    (f"**{t[k]:.3g}**" if k == best else f"{t[k]:.3g}") for k in meths) + " |")
+        lines.append("")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/results/gct_scaling")
@@ -175,8 +232,10 @@ def main() -> None:
         res = {"command": "python experiments/gct_scaling.py --out " + args.out, "measured": measure(
             args.worlds, args.max_train, args.epochs), "coders": coder_speed()}
     res["model"] = model(res["measured"], res["coders"])
+    res.setdefault("load_average_1min", __import__("os").getloadavg()[0])
     path.write_text(json.dumps(res, indent=1) + "\n")
     plot(res, out)
+    write_readme(res, out)
     print(json.dumps(res["model"]["assumptions"], indent=1))
 
 
