@@ -117,7 +117,9 @@ def model(measured: list[dict], speed: dict) -> dict:
     c1 = 8 * ag["payload_bytes_per_step"] / n
     rs_rows = [r for r in measured if r["method"] == "gct-reduce_scatter"]
     rs = max(rs_rows, key=lambda r: r["world"])
-    c2 = max(8 * rs["payload_bytes_per_step"] / n - c1, 0.0)
+    # a worker's reduce-scatter payload is its W stage-1 chunks (~ c1) plus the stage-2 frame of its own shard
+    # (1/W of the stage-2 total)
+    c2 = max(rs["world"] * (8 * rs["payload_bytes_per_step"] / n - c1), 0.0)
     # PowerSGD runs plain allreduce for its first 2 steps (powersgd_start=2): take them out
     psgd = [r for r in measured if r["method"] == "powersgd" and r["steps"] > 2]
     psgd_frac = min((r["payload_bytes_per_step"] * r["steps"] - 2 * 4 * n) / (r["steps"] - 2) for r in psgd) / (4 * n) \
@@ -175,7 +177,7 @@ def write_readme(res: dict, out: Path) -> None:
     base = {r["world"]: r for r in res["measured"] if r["method"] == "allreduce"}
     mod = next(iter(res["model"]["models"].values()))
     pred = {row["world"]: row["bytes"] for row in mod["rows"]}
-    lines[-2] = lines[-2].rstrip("|") + " model B/step |"
+    lines[-2] = lines[-2] + " model B/step |"
     lines[-1] = lines[-1] + "---|"
     for r in res["measured"]:
         p = pred.get(r["world"], {}).get(r["method"])
@@ -192,6 +194,8 @@ def write_readme(res: dict, out: Path) -> None:
               f"stage 2 {a['bits_per_value']['gct2']:.2f}; taken as independent of W); PowerSGD sends "
               f"{a['powersgd_fraction_of_fp32']:.3f} of fp32's values (measured, rank 2); {a['frame_overhead_bytes']:.0f} "
               f"bytes of header and count table per frame; {a['alpha_s'] * 1e6:.0f} us per message; ring collectives; "
+              "no padding (the measured GCT wire bytes include gloo's all_gather padding to the largest frame, "
+              "which is large when shards differ in sparsity, e.g. an embedding's mostly-zero gradient in one shard); "
               "coding time from this CPU (rANS: encode "
               f"{a['coder_speed']['ans']['encode_s_per_value'] * 1e9:.1f} ns/value, decode "
               f"{a['coder_speed']['ans']['decode_s_per_value'] * 1e9:.1f} ns/value, one core), added in full (no overlap "
