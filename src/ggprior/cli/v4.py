@@ -94,6 +94,9 @@ def gct_cmd(
     lam: float = typer.Option(0.0, "--lam", help="GCT rate weight of the rate-constrained quantizer"),
     grad_rate: float = typer.Option(0.0, "--grad-rate", help="GCT secant gradient-rate term weight"),
     error_feedback: bool = typer.Option(True, "--error-feedback/--no-error-feedback"),
+    exchange: str = typer.Option("auto", "--exchange",
+                                 help="GCT exchange: auto (all_gather at <= 2 workers, else reduce-scatter), "
+                                      "allgather or reduce_scatter"),
     powersgd_rank: int = typer.Option(2, "--powersgd-rank"),
     task: str = typer.Option("sentiment", "--task"),
     model: str = typer.Option("bert", "--model", help="bert, gpt2, llama or minilm"),
@@ -113,7 +116,7 @@ def gct_cmd(
     cfg = DPConfig(method=method, task=task, model=model, scale=scale, max_len=max_len, max_train=max_train,
                    max_eval=max_eval, timeout=timeout, powersgd_rank=powersgd_rank,
                    gct=GCTConfig(coder=coder, rel_step=rel_step, lam=lam, grad_rate=grad_rate,
-                                 error_feedback=error_feedback),
+                                 error_feedback=error_feedback, exchange=exchange),
                    train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                      progress=False))
     run_data_parallel(cfg, workers, out)
