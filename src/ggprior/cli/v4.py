@@ -76,10 +76,11 @@ def run_data_parallel(cfg: DPConfig, workers: int, out: Path) -> dict | None:
     c, m = lead["comm"], lead["metrics"]
     metric = "accuracy" if "accuracy" in m["test"] else "perplexity"
     table = Table(title=f"{cfg.method} on {lead['workers']} workers: {cfg.model} / {cfg.task}")
-    for col in (f"test {metric}", "bytes/step/worker", "bits/value", "zero frac", "s/step", "hook ms/step"):
+    for col in (f"test {metric}", "bytes/step/worker", "bits/value", "zero frac", "s/step", "hook ms/step", "coding ms/step"):
         table.add_column(col, justify="right")
     table.add_row(f"{m['test'][metric]:.4g}", f"{c['bytes_per_step']:,.0f}", f"{c['bits_per_value']:.3f}",
-                  f"{c['zero_frac']:.3f}", f"{lead['seconds_per_step']:.3f}", f"{c['hook_ms_per_step']:.1f}")
+                  f"{c['zero_frac']:.3f}", f"{lead['seconds_per_step']:.3f}", f"{c['hook_ms_per_step']:.1f}",
+                  f"{c.get('code_ms_per_step', 0.0):.1f}")
     console.print(table)
     console.print(f"wrote {out / 'metrics.json'}")
     return lead
