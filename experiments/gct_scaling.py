@@ -82,6 +82,24 @@ def coder_speed(n: int = 1_000_000) -> dict:
     return out
 
 
+def _powersgd_fraction(rank: int) -> float:
+    """Values PowerSGD (rank ``rank``, torch's rule: compress a matrix when that sends fewer values) sends for the
+    small BERT, as a fraction of its gradient values (used when no measured run got past PowerSGD's warm-up)."""
+    from ggprior.data import get_tokenizer
+    from ggprior.models import build_model
+
+    tok = get_tokenizer("bpe", "spam", 4096)
+    m = build_model("bert", "classification", vocab_size=tok.vocab_size, max_positions=32, pad_id=tok.pad_id)
+    sent = total = 0
+    for p in m.parameters():
+        total += p.numel()
+        n = p.shape[0] if p.dim() else 1
+        k = p.numel() // max(n, 1)
+        r = min(n, k, rank)
+        sent += (n + k) * r if p.dim() >= 2 and (n + k) * r < n * k else p.numel()
+    return sent / total
+
+
 def byte_model(world: int, values: float, buckets: int, bits: dict, psgd_frac: float, frame_overhead: float) -> dict:
     """Bytes one worker sends per step (see README.md for the assumptions)."""
     ring = 2 * (world - 1) / world
@@ -123,7 +141,7 @@ def model(measured: list[dict], speed: dict) -> dict:
     # PowerSGD runs plain allreduce for its first 2 steps (powersgd_start=2): take them out
     psgd = [r for r in measured if r["method"] == "powersgd" and r["steps"] > 2]
     psgd_frac = min((r["payload_bytes_per_step"] * r["steps"] - 2 * 4 * n) / (r["steps"] - 2) for r in psgd) / (4 * n) \
-        if psgd else 1.0
+        if psgd else _powersgd_fraction(rank=2)
     bits = {"gct1": c1, "gct2": c2}
     frame_overhead = 60.0  # header (14 B) + rANS count table (tens of bytes) per frame; assumption
     out = {"assumptions": {"alpha_s": ALPHA_S, "frame_overhead_bytes": frame_overhead, "bits_per_value": bits,
