@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ggprior.data import TaskData
-from ggprior.models import build_model, count_parameters
+from ggprior.tasks import TaskData, build_model, count_parameters
 from ggprior.train import TrainConfig, make_rate_callback, train
 
 VARIANTS = {"plain": None, "backslash": ("backslash", False), "backslash_per_tensor": ("backslash", True),
@@ -50,7 +49,7 @@ def cpu_ratio(data: TaskData, cfg: TrainConfig, scale: int, vocab: int, steps: i
     and of each variant's rate step on the same model; ratio = (plain + rate step) / plain."""
     import time
 
-    from ggprior.data import batches
+    from ggprior.tasks import batches
 
     torch.manual_seed(0)
     model = build_model("bert", "classification", vocab_size=vocab, scale=scale)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ggprior import ggd
-from ggprior.distributed import GCTConfig, codec, exchange, launch
-from ggprior.distributed.train import DPConfig, data_parallel
+from ggprior import gg
+from ggprior.gct import GCTConfig, codec, exchange, launch
+from ggprior.gct.train import DPConfig, data_parallel
 from ggprior.train import TrainConfig
 
 REPEATS = 5
@@ -38,7 +38,7 @@ def _timed(fn, repeats: int = REPEATS) -> tuple[float, object]:
 
 
 def _grad(n: int, seed: int) -> torch.Tensor:
-    return ggd.sample((n,), 0.0, 1e-4, 0.3, generator=torch.Generator().manual_seed(seed))
+    return gg.sample((n,), 0.0, 1e-4, 0.3, generator=torch.Generator().manual_seed(seed))
 
 
 def _exchange_worker(rank: int, world: int, n: int, rel: float) -> dict:

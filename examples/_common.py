@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ggprior.data import get_tokenizer, load_task
-from ggprior.models import build_model
+from ggprior.tasks import build_model, get_tokenizer, load_task
 
 
 def task_and_model(task: str, *, tiny: bool, seed: int = 0, max_len: int = 64, vocab: int = 4096,

@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import task_and_model  # noqa: E402
-from ggprior.distributed import GCTConfig, register_gct  # noqa: E402
+from ggprior.gct import GCTConfig, register_gct  # noqa: E402
 
 
 def checksum(model: torch.nn.Module) -> str:

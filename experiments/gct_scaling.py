@@ -3,7 +3,7 @@
     python experiments/gct_scaling.py --out docs/results/gct_scaling           # measure + model
     python experiments/gct_scaling.py --out docs/results/gct_scaling --model-only   # redo the model from scaling.json
 
-Measured: the small BERT on spam (``ggprior.distributed.train``), one run per world size and
+Measured: the small BERT on spam (``ggprior.gct.train``), one run per world size and
 method: fp32 allreduce, fp16, PowerSGD (rank 2), GCT with the all_gather exchange and with the
 reduce-scatter exchange. Per worker and step: coded payload bytes, wire bytes (the bytes the
 worker puts on the links: padded all_gather blocks forwarded on a ring, its all_to_all chunks),
@@ -27,9 +27,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ggprior import ggd  # noqa: E402
-from ggprior.distributed import GCTConfig, codec  # noqa: E402
-from ggprior.distributed.train import DPConfig, data_parallel  # noqa: E402
+from ggprior import gg  # noqa: E402
+from ggprior.gct import GCTConfig, codec  # noqa: E402
+from ggprior.gct.train import DPConfig, data_parallel  # noqa: E402
 from ggprior.train import TrainConfig  # noqa: E402
 
 METHODS = {"allreduce": ("allreduce", None), "fp16": ("fp16", None), "powersgd": ("powersgd", None),
@@ -66,7 +66,7 @@ def measure(worlds: list[int], max_train: int, epochs: int) -> list[dict]:
 
 def coder_speed(n: int = 1_000_000) -> dict:
     torch.set_num_threads(1)
-    g = ggd.sample((n,), 0.0, 1e-4, 0.3, generator=torch.Generator().manual_seed(0))
+    g = gg.sample((n,), 0.0, 1e-4, 0.3, generator=torch.Generator().manual_seed(0))
     step = 0.05 * float(g.square().mean().sqrt())
     codec.warmup()
     out = {}
@@ -85,8 +85,7 @@ def coder_speed(n: int = 1_000_000) -> dict:
 def _powersgd_fraction(rank: int) -> float:
     """Values PowerSGD (rank ``rank``, torch's rule: compress a matrix when that sends fewer values) sends for the
     small BERT, as a fraction of its gradient values (used when no measured run got past PowerSGD's warm-up)."""
-    from ggprior.data import get_tokenizer
-    from ggprior.models import build_model
+    from ggprior.tasks import build_model, get_tokenizer
 
     tok = get_tokenizer("bpe", "spam", 4096)
     m = build_model("bert", "classification", vocab_size=tok.vocab_size, max_positions=32, pad_id=tok.pad_id)

@@ -33,7 +33,7 @@ def test_plain_loop_backslash_tiny():
 
 
 def _free_port() -> int:
-    from ggprior.distributed.launch import free_port
+    from ggprior.gct.launch import free_port
 
     return free_port()
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-from ggprior.data import TaskData
-from ggprior.distributed import GCTError, register_gct
+from ggprior.gct import GCTError, register_gct
 from ggprior.hf import ACTCallback, BackSlashCallback
+from ggprior.tasks import TaskData
 from ggprior.train import TrainError
 
 

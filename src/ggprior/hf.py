@@ -8,7 +8,7 @@
   of each training forward pass, and a forward hook on the model adds ``lam * s(t) * R`` to the
   model output's ``loss``, so ``Trainer`` differentiates it with the task loss.
 - :class:`GCTCallback` / :func:`enable_gct`: registers the GCT communication hook
-  (:func:`ggprior.distributed.register_gct`) on the DDP model that ``Trainer`` (via accelerate)
+  (:func:`ggprior.gct.register_gct`) on the DDP model that ``Trainer`` (via accelerate)
   built, at ``on_train_begin``; launch with ``torchrun --nproc_per_node N script.py``. Outside
   ``Trainer`` (accelerate or plain DDP): ``register_gct(ddp_model, GCTConfig(...))`` after wrapping.
 - From a plain PyTorch loop: ``BackSlash(lam).on_train_begin(model, total_steps)`` once, then
@@ -97,7 +97,7 @@ class ACTCallback(TrainerCallback):
         self._epoch = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from .hooks import HookError
+        from .stats.hooks import HookError
 
         model = _model(kwargs, "ACTCallback")
         try:
@@ -150,7 +150,7 @@ class GCTCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from torch.nn.parallel import DistributedDataParallel
 
-        from .distributed import register_gct
+        from .gct import register_gct
 
         wrapped = getattr(self.trainer, "model_wrapped", None)
         if not isinstance(wrapped, DistributedDataParallel) or self._registered == id(wrapped):
