@@ -180,6 +180,45 @@ def test_zeros_stay_zero_under_a_fractional_shape():
     assert x.tolist() == pytest.approx([0.0, expected, -expected, 0.0])
 
 
+@settings(max_examples=25, deadline=None)
+@given(lam=st.floats(0.0, 50.0), eps=st.sampled_from([1.0, 0.3]), per_tensor=st.booleans(),
+       gamma=st.sampled_from([0.3, 1.0, 2.0]), seed=st.integers(0, 1000))
+def test_fused_adaptive_step_equals_estimate_then_reference_step(lam, eps, per_tensor, gamma, seed):
+    from ggprior.train.backslash import backslash_step_reference_
+
+    gen = torch.Generator().manual_seed(seed)
+    xs = [gg.sample((n,), 0.0, 0.1, gamma, generator=gen).reshape(-1, 8) for n in (64, 200)]
+    ref = [x.clone().double() for x in xs]
+    before = torch.stack([x.abs().sum() for x in ref])
+    from ggprior.train.backslash import nu_from_ratio
+
+    m = np.array([[x.numel(), float(x.abs().sum()), float(x.square().sum())] for x in ref])  # float64 sums
+    if not per_tensor:
+        m = m.sum(0, keepdims=True)
+    nu = np.broadcast_to(nu_from_ratio(m[:, 0] * m[:, 2] / m[:, 1] ** 2), (2,))
+    assert np.allclose(nu, estimate_nu(ref, per_tensor), rtol=1e-4)
+    backslash_step_reference_(ref, lam, nu, eps)
+    sums = []
+    got_nu = backslash_step_(xs, lam, None, eps, per_tensor=per_tensor, sums_out=sums)
+    assert np.allclose(got_nu.numpy(), nu, rtol=1e-9)
+    assert torch.allclose(sums[0], before, rtol=1e-12)
+    for a, b in zip(xs, ref, strict=True):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_nu_on_the_device_matches_the_host_table():
+    from ggprior.train.backslash import nu_from_ratio, nu_from_ratio_tensor
+
+    r = np.concatenate([gg.rho(np.geomspace(0.05, 4.0, 50)), [1.0, 1e9]])
+    assert np.allclose(nu_from_ratio_tensor(torch.from_numpy(r)).numpy(), nu_from_ratio(r), rtol=1e-12)
+    assert nu_from_ratio_tensor(torch.tensor([float("nan"), 0.0])).tolist() == [3.0, 3.0]
+
+
+def test_a_lambda_that_breaks_the_model_stops_with_the_step_and_lambda(tmp_path):
+    cb = BackSlash(1e30)
+    with pytest.raises(TrainError, match=r"(at step \d+.*lambda=1e\+30|lambda=1e\+30)"):
+        train(_model(), _task(), None, _cfg(epochs=2), [cb], out_dir=tmp_path)
+
 def test_step_mode_is_the_rate_step_replayed_exactly():
     """With the optimizer's step negligible (lr 1e-30), training with BackSlash must equal replaying
     estimate_nu + backslash_step_ once per step on the initial weights (was a rel=0.5 comparison)."""

@@ -46,6 +46,9 @@ def train_cmd(
                                    "quantizer"),
     comm_grad_rate: float = typer.Option(0.0, "--comm-grad-rate", help="--comm gct: secant gradient-rate weight"),
     comm_error_feedback: bool = typer.Option(True, "--comm-error-feedback/--no-comm-error-feedback"),
+    comm_exchange: str = typer.Option("auto", "--comm-exchange",
+                                      help="--comm gct: auto (all_gather at <= 2 workers, else reduce-scatter), "
+                                           "allgather or reduce_scatter"),
     powersgd_rank: int = typer.Option(2, "--powersgd-rank", help="--comm powersgd: rank"),
     timeout: float = typer.Option(300.0, "--timeout", help="with --workers: seconds a collective may wait"),
     old_task: str = typer.Option(None, "--task", hidden=True),
@@ -68,7 +71,7 @@ def train_cmd(
         dp = DPConfig(method=comm, task=task, model=model, init=init, gamma=gamma, scale=scale, max_len=max_len,
                       max_train=max_train, max_eval=max_eval, timeout=timeout, powersgd_rank=powersgd_rank,
                       gct=GCTConfig(coder=comm_coder, rel_step=comm_rel_step, lam=comm_lam, grad_rate=comm_grad_rate,
-                                    error_feedback=comm_error_feedback),
+                                    error_feedback=comm_error_feedback, exchange=comm_exchange),
                       train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                         progress=False))
         return _data_parallel(dp, workers, out)
@@ -115,10 +118,12 @@ def _data_parallel(cfg, workers: int, out: Path) -> None:
     c, m = lead["comm"], lead["metrics"]
     metric = "accuracy" if "accuracy" in m["test"] else "perplexity"
     table = Table(title=f"{cfg.method} on {lead['workers']} workers: {cfg.model} / {cfg.task}")
-    for col in (f"test {metric}", "bytes/step/worker", "bits/value", "zero frac", "s/step", "hook ms/step"):
+    for col in (f"test {metric}", "bytes/step/worker", "bits/value", "zero frac", "s/step", "hook ms/step",
+                "coding ms/step"):
         table.add_column(col, justify="right")
     table.add_row(f"{m['test'][metric]:.4g}", f"{c['bytes_per_step']:,.0f}", f"{c['bits_per_value']:.3f}",
-                  f"{c['zero_frac']:.3f}", f"{lead['seconds_per_step']:.3f}", f"{c['hook_ms_per_step']:.1f}")
+                  f"{c['zero_frac']:.3f}", f"{lead['seconds_per_step']:.3f}", f"{c['hook_ms_per_step']:.1f}",
+                  f"{c.get('code_ms_per_step', 0.0):.1f}")
     console.print(table)
     console.print(f"wrote {out / 'metrics.json'}")
 

@@ -13,10 +13,14 @@ Frame (:func:`encode_frame` / :func:`decode_frame`), little-endian:
 
     u8 coder id | f32 step | u32 n | i64 x (number of coder parameters) | coded stream
 
-Coders: ``eg`` (Exp-Golomb, best order; ``ggprior.coding.expgolomb``) and ``ans`` (rANS under the
-message's own histogram, count table inside the stream; ``ggprior.coding.ans``). Their
-parameters come from :mod:`ggprior.coding.registry`, which checks them on decoding. A message
+Coders: ``eg`` (Exp-Golomb, best order; ``ggprior.codec.expgolomb``) and ``ans`` (rANS under the
+message's own histogram, count table inside the stream; ``ggprior.codec.ans``). Their
+parameters come from :mod:`ggprior.codec.registry`, which checks them on decoding. A message
 whose integer range exceeds the rANS alphabet (``ans.NSYM_MAX``) is sent with ``eg`` instead.
+
+A third frame kind, ``raw`` (:func:`encode_raw`, coder id 2, no coder parameters), carries float32
+values as they are: the fallback for a bucket that cannot be coded (non-finite values, integers
+beyond ``Q_MAX``). :func:`decode_frame` returns those float32 values with step 1.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from ..codec.quantizer import check_step
 
 CODERS = {"eg": "eg", "ans": "ans-hist"}
 _IDS = {name: i for i, name in enumerate(CODERS)}
+RAW_ID = len(CODERS)
+Q_MAX = 1 << 30  # largest |integer| a frame carries; beyond it the bucket is sent raw
 _HEAD = struct.Struct("<BfIB")
 _PARAM = struct.Struct("<q")
 
@@ -79,12 +85,27 @@ def encode_frame(q: np.ndarray, step: float, coder: str = "ans") -> bytes:
     return head + b"".join(_PARAM.pack(int(v)) for v in values) + stream
 
 
+def encode_raw(x: np.ndarray | torch.Tensor) -> bytes:
+    """A frame carrying ``x`` as float32 values, uncoded (the fallback for a bucket that cannot be coded)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to(torch.float32).cpu().numpy()
+    a = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
+    return _HEAD.pack(RAW_ID, 1.0, a.size, 0) + a.astype("<f4", copy=False).tobytes()
+
+
 def decode_frame(data: bytes | memoryview) -> tuple[np.ndarray, float]:
-    """(integers, step) of a frame made by :func:`encode_frame`; :class:`CodingError` on damage."""
-    mv = memoryview(bytes(data))
+    """(integers, step) of a frame made by :func:`encode_frame`; :class:`CodingError` on damage.
+
+    A raw frame (:func:`encode_raw`) gives (float32 values, 1.0).
+    """
+    mv = memoryview(data) if isinstance(data, memoryview) else memoryview(bytes(data))
     if len(mv) < _HEAD.size:
         raise CodingError(f"gradient frame of {len(mv)} bytes is shorter than its {_HEAD.size}-byte header")
     cid, step, n, nparams = _HEAD.unpack_from(mv)
+    if cid == RAW_ID:
+        if nparams != 0 or len(mv) != _HEAD.size + 4 * n:
+            raise CodingError(f"raw gradient frame: {len(mv)} bytes cannot hold {n} float32 values")
+        return np.frombuffer(mv[_HEAD.size:], dtype="<f4").astype(np.float32), 1.0
     if cid >= len(CODERS):
         raise CodingError(f"gradient frame names unknown coder id {cid}")
     name = list(CODERS.values())[cid]

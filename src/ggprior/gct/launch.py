@@ -32,8 +32,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..io.atomic import write_text
-from .codec import warmup
-from .hook import CommStats, GCTConfig, GCTError, GCTState, counting_hook, gct_hook, powersgd_elements
+from .hook import CommStats, GCTConfig, GCTError, counting_hook, powersgd_elements, register_gct
 
 METHODS = ("allreduce", "fp16", "powersgd", "gct")
 
@@ -88,24 +87,25 @@ def _powersgd_bytes(state: psgd.PowerSGDState, bucket: dist.GradBucket) -> int:
 
 
 def wrap_ddp(model: nn.Module, method: str, device: torch.device, *, gct: GCTConfig | None = None,
-             powersgd_rank: int = 2, powersgd_start: int = 10) -> tuple[DDP, CommStats]:
+             powersgd_rank: int = 2, powersgd_start: int = 10, bucket_cap_mb: float | None = None
+             ) -> tuple[DDP, CommStats]:
     """``model`` in DDP with the communication hook of ``method``, and the hook's :class:`CommStats`.
 
     ``allreduce``: fp32 allreduce (torch's ``allreduce_hook``); ``fp16``: torch's
     ``fp16_compress_hook``; ``powersgd``: torch's PowerSGD (rank ``powersgd_rank``, error feedback,
-    plain allreduce for the first ``powersgd_start`` steps); ``gct``: :func:`gct_hook`.
+    plain allreduce for the first ``powersgd_start`` steps); ``gct``: :func:`~.hook.gct_hook` via
+    :func:`~.hook.register_gct`. ``bucket_cap_mb`` is DDP's bucket size (default: DDP's 25 MB).
     Buffers are synced once at start, not in every forward pass, so evaluating on one
     worker alone cannot leave the others waiting in a collective.
     """
     if method not in METHODS:
         raise GCTError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     model.to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    extra = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+              **extra)
     if method == "gct":
-        warmup()
-        state = GCTState(gct)
-        ddp.register_comm_hook(state, gct_hook)
-        return ddp, state.stats
+        return ddp, register_gct(ddp, gct).stats
     stats = CommStats()
     if method == "allreduce":
         ddp.register_comm_hook(None, counting_hook(default_hooks.allreduce_hook, stats, _fp32_bytes))

@@ -2,7 +2,7 @@
 
 Every worker builds the same tokenizer, data and seeded model, keeps its shard of the training
 data (examples ``rank::workers``, cut to equal length so all workers take the same number of
-steps), wraps the model in DDP with the method's hook (:func:`ggprior.distributed.launch.wrap_ddp`)
+steps), wraps the model in DDP with the method's hook (:func:`ggprior.gct.launch.wrap_ddp`)
 and runs the ordinary trainer (:func:`ggprior.train.train`) on it. Worker 0 also evaluates
 (validation after every epoch, test at the end). The per-worker batch is ``batch_size``, so one
 step sees ``workers * batch_size`` examples.
@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..tasks.data import TaskData, load_task, task_kind
-from ..tasks.models import build_model, count_parameters, initialize_
+from ..tasks import TaskData, build_model, count_parameters, initialize_, load_task, task_kind
 from ..tasks.tokenizer import get_tokenizer
 from ..train.loop import TrainConfig, train
 from .hook import GCTConfig, GCTError

@@ -246,7 +246,9 @@ def train(
             extras = [x for x in (cb.extra_loss(model, step + 1) for cb in callbacks) if x is not None]
             full = loss + sum(extras) if extras else loss
             if not torch.isfinite(full):
-                raise TrainError(f"loss became {float(full.detach())} at step {step + 1} (epoch {epoch + 1})")
+                hints = [cb.failure_hint() for cb in callbacks if hasattr(cb, "failure_hint")]
+                raise TrainError(f"loss became {float(full.detach())} at step {step + 1} (epoch {epoch + 1})"
+                                 + "".join(f"; {h}" for h in hints))
             opt.zero_grad(set_to_none=True)
             full.backward()
             step += 1
