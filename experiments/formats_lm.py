@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ggprior import formats
-from ggprior.fileio import write_text
-from ggprior.plots import plt, save_figure
+from ggprior.io.atomic import write_text
+from ggprior.report.plots import plt, save_figure
 from ggprior.train import TrainConfig, evaluate
 from ggprior.train.run import RunConfig, build, make_rate_callback, train
 
@@ -45,7 +45,7 @@ def one_run(training: str, seed: int, quick: bool) -> dict:
     train(model, train_data, val_data, cfg.train, callbacks)
     row = {"training": training, "seed": seed, "fp32": evaluate(model, test_data)["perplexity"]}
     for fmt in FORMATS:
-        row[fmt] = evaluate(formats.convert(copy.deepcopy(model), fmt), test_data)["perplexity"]
+        row[fmt] = evaluate(formats.to_format(copy.deepcopy(model), fmt), test_data)["perplexity"]
     return row
 
 

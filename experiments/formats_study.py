@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ggprior import formats, ggd
-from ggprior.data import corpus_split, get_tokenizer, load_task
-from ggprior.fileio import write_text
-from ggprior.models import load_minilm
-from ggprior.plots import plt, save_figure
-from ggprior.report import to_csv, to_markdown
-from ggprior.sources import open_source
+from ggprior import formats, gg
+from ggprior.io.atomic import write_text
+from ggprior.io.sources import open_source
+from ggprior.io.tables import to_csv, to_markdown
+from ggprior.report.plots import plt, save_figure
+from ggprior.tasks import corpus_split, get_tokenizer, load_task
+from ggprior.tasks.models import load_minilm
 from ggprior.train import TrainConfig, evaluate, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def synthetic_errors(n: int) -> list[dict]:
     rows = []
     cells = [(g, b) for g in GAMMAS for b in BETAS]
     for i, (gamma, beta) in enumerate(tqdm(cells, desc="synthetic GG")):
-        x = ggd.sample((n,), 0.0, beta, gamma, generator=torch.Generator().manual_seed(1000 + i))
+        x = gg.sample((n,), 0.0, beta, gamma, generator=torch.Generator().manual_seed(1000 + i))
         rows += [{"gamma": gamma, "beta": beta, **r} for r in tensor_errors(x, f"gg(gamma={gamma}, beta={beta})")]
     return rows
 
@@ -121,7 +121,7 @@ def minilm_tasks(p: dict, progress: bool) -> list[dict]:
         row = {"task": task, "train_examples": len(train_data), "test_examples": len(test_data), "fp32": ref,
                "fp32_stderr": math.sqrt(ref * (1 - ref) / len(test_data))}
         for f in tqdm(FORMATS, desc=f"{task} formats", leave=False):
-            row[f] = evaluate(formats.convert(copy.deepcopy(model), f), test_data, 64)["accuracy"]
+            row[f] = evaluate(formats.to_format(copy.deepcopy(model), f), test_data, 64)["accuracy"]
         rows.append(row)
     return rows
 
@@ -168,7 +168,7 @@ def smollm2_perplexity(p: dict) -> dict:
     row = {"model": "SmolLM2-135M (Q4_1 GGUF -> fp32)", "corpus": "bbc-lm test", "tokens": ids.numel(),
            "block": p["lm_block"], "fp32": perplexity(model, blocks)}
     for f in tqdm(FORMATS, desc="SmolLM2 formats"):
-        row[f] = perplexity(formats.convert(copy.deepcopy(model), f), blocks)
+        row[f] = perplexity(formats.to_format(copy.deepcopy(model), f), blocks)
     return row
 
 
@@ -196,7 +196,7 @@ def rf8_losses(summary: list[dict], synth: list[dict], tasks: list[dict], lm: di
     if lm is not None:
         for v in RF8:
             better = [f for f in base if lm[f] < lm[v]]
-            lines.append(f"SmolLM2 perplexity: {v} {lm[v]:.2f} (fp32 {lm['fp32']:.2f}); lower: "
+            lines.append(f"SmolLM2 perplexity: {v} {lm[v]:.2f} (fp32 = Q4_1 GGUF dequantized: {lm['fp32']:.2f}); lower: "
                          + (", ".join(f"{f} {lm[f]:.2f}" for f in better) or "none"))
     return lines
 

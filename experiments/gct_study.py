@@ -23,11 +23,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from ggprior.distributed import GCTConfig, from_env
-from ggprior.distributed.train import DPConfig, data_parallel, main_torchrun
-from ggprior.fileio import write_text
-from ggprior.plots import save_figure
-from ggprior.report import write_table
+from ggprior.gct import GCTConfig, from_env
+from ggprior.gct.train import DPConfig, data_parallel, main_torchrun
+from ggprior.io.atomic import write_text
+from ggprior.io.tables import write_table
+from ggprior.report.plots import save_figure
 from ggprior.train.loop import TrainConfig
 
 RUNS = {

@@ -1,6 +1,6 @@
 """Pretrained fine-tuning study: plain vs L1 vs BackSlash (subgradient / proximal) on MiniLM.
 
-Fine-tunes the pretrained all-MiniLM-L6-v2 (``ggprior.models.load_minilm``, fresh head) on the
+Fine-tunes the pretrained all-MiniLM-L6-v2 (``ggprior.tasks.load_minilm``, fresh head) on the
 three tasks, then measures the rate-accuracy curve of every fine-tuned model and writes real
 ``.ggz`` files with every coder (FL, EG, Huffman, ANS) at the chosen operating points.
 
@@ -14,7 +14,7 @@ the proximal models.
 
 Quantization (the same faithful rule for every model): per tensor, every floating tensor, the
 largest uniform step whose relative RMS error ||w - w_hat|| / ||w|| is <= rel
-(``ggprior.quant.step_for_rel_error``). rel = 1% is the "faithful" point; the rate-accuracy
+(``ggprior.codec.quantizer.step_for_rel_error``). rel = 1% is the "faithful" point; the rate-accuracy
 curve sweeps rel over ``RELS``. Every accuracy on the curve is that of the quantized-
 dequantized (i.e. decoded) model; the operating points are written as ``.ggz`` files, read
 back, and the decoded model is evaluated again.
@@ -45,15 +45,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ggprior import quant
-from ggprior.coding import ggmodel
-from ggprior.coding.histogram import Histogram
-from ggprior.compression import STEP_BITS, tensor_bits
-from ggprior.container import load_compressed, save_compressed
-from ggprior.data import get_tokenizer, load_task, task_split
+from ggprior.codec import ggmodel, load_compressed, save_compressed
+from ggprior.codec import quantizer as quant
+from ggprior.codec.histogram import Histogram
+from ggprior.codec.lengths import STEP_BITS, tensor_bits
 from ggprior.deepshape import BIN_WIDTH, reshape_values, select_names
-from ggprior.models import load_minilm
-from ggprior.sources import open_source
+from ggprior.io.sources import open_source
+from ggprior.tasks import get_tokenizer, load_minilm, load_task
+from ggprior.tasks.data import task_split
 from ggprior.train import TrainConfig, evaluate, make_rate_callback, train
 from ggprior.train.backslash import reference_lambda
 
@@ -90,7 +89,7 @@ def group_of(name: str) -> str:
 def rate_point(model, sd: dict, rel: float, data: dict, device) -> dict:
     """Quantize every floating tensor at relative error ``rel``; code lengths + decoded accuracy.
 
-    The code lengths are those of ``ggprior.compression.measure`` (tensor_bits + the step) for
+    The code lengths are those of ``ggprior.codec.measure`` (tensor_bits + the step) for
     the coders in CODERS, computed from one quantization pass on the tensors' device.
     """
     bits = {c: 0.0 for c in CODERS}

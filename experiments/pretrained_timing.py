@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from ggprior.data import get_tokenizer, load_task
-from ggprior.models import load_minilm
+from ggprior.tasks import get_tokenizer, load_minilm, load_task
 from ggprior.train import TrainConfig, evaluate, make_rate_callback, train
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 
 from _common import aggregate, markdown_table, meta, pm, run_grid, study_args, write_outputs
-from ggprior.fileio import write_text
-from ggprior.plots import plt, save_figure
+from ggprior.io.atomic import write_text
+from ggprior.report.plots import plt, save_figure
 from ggprior.train import TrainConfig
 from ggprior.train.run import QUANT_STEP, RunConfig
 

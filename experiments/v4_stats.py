@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ggprior import ggd, hooks
-from ggprior.data import batches, get_tokenizer, load_task
-from ggprior.fileio import write_text
-from ggprior.models import load_minilm
-from ggprior.plots import plot_fit
-from ggprior.report import write_table
-from ggprior.stats import LINEAR_ROW, fit_model
+from ggprior import gg
+from ggprior.io.atomic import write_text
+from ggprior.io.tables import write_table
+from ggprior.report.plots import plot_fit
+from ggprior.stats import LINEAR_ROW, fit_model, hooks
+from ggprior.tasks import batches, get_tokenizer, load_task
+from ggprior.tasks.models import load_minilm
 
 SIZES = {"quick": dict(examples=16, batch=8, max_samples=1 << 12), "full": dict(examples=128, batch=16,
                                                                                   max_samples=1 << 15)}
@@ -34,11 +34,11 @@ COLUMNS = ["kind", "name", "numel", "mu", "beta", "gamma", "mu_mle", "beta_mle",
 POOLS = {"weights": LINEAR_ROW, "activations": "__activations__", "gradients": "__gradients__"}
 
 
-def _fit(row: dict) -> ggd.GGFit:
+def _fit(row: dict) -> gg.GGFit:
     if "gamma_mle" in row:
-        return ggd.GGFit(mu=row["mu_mle"], beta=row["beta_mle"], gamma=row["gamma_mle"], n=row["numel"], std=row["std"],
+        return gg.GGFit(mu=row["mu_mle"], beta=row["beta_mle"], gamma=row["gamma_mle"], n=row["numel"], std=row["std"],
                          ratio=float("nan"), at_bound=False, method="mle")
-    return ggd.GGFit(mu=row["mu"], beta=row["beta"], gamma=row["gamma"], n=row["numel"], std=row["std"],
+    return gg.GGFit(mu=row["mu"], beta=row["beta"], gamma=row["gamma"], n=row["numel"], std=row["std"],
                      ratio=float("nan"), at_bound=row["gamma_at_bound"], method="moment")
 
 
@@ -68,9 +68,9 @@ def main() -> None:
             r["best_law"] = hooks.best_law(r)
         if r["name"] == LINEAR_ROW and "gamma" in r:
             values = samples["weights"][LINEAR_ROW]
-            ref = ggd.refine_mle(values, replace(_fit(r), n=values.numel()))
+            ref = gg.refine_mle(values, replace(_fit(r), n=values.numel()))
             r.update(mu_mle=ref.mu, gamma_mle=ref.gamma, beta_mle=ref.beta,
-                     loglik_gg_mle=ggd.mean_loglik(values, ref.mu, ref.beta, ref.gamma))
+                     loglik_gg_mle=gg.mean_loglik(values, ref.mu, ref.beta, ref.gamma))
             r["best_law"] = hooks.best_law(r)
     act_rows = hooks.activation_statistics(model, feed, max_samples=s["max_samples"], seed=args.seed, mle=True,
                                            progress=True, samples=samples["activations"])

@@ -1,30 +1,51 @@
 """ggprior: generalized-Gaussian priors across a language model's life.
 
-Statistics (:mod:`ggprior.ggd`, :mod:`ggprior.stats`, :mod:`ggprior.hooks`), GG initialization
-(:mod:`ggprior.init`), rate-constrained training (:mod:`ggprior.train`, :mod:`ggprior.distributed`),
-DeepShape (:mod:`ggprior.deepshape`), compression (:mod:`ggprior.quant`, :mod:`ggprior.coding`,
-:mod:`ggprior.compression`, :mod:`ggprior.container`), number formats (:mod:`ggprior.rf8`,
-:mod:`ggprior.formats`) and the end-to-end :mod:`ggprior.pipeline`. Submodules whose name equals
-a function's (``ggprior.train``, ``ggprior.deepshape``) keep their module names here.
+The public API is the names in ``__all__``; each is imported on first use (PEP 562), so
+``import ggprior`` imports neither torch nor any submodule. Everything else lives in its
+package: :mod:`ggprior.gg` (the distribution), :mod:`ggprior.io`, :mod:`ggprior.stats`,
+:mod:`ggprior.init`, :mod:`ggprior.codec`, :mod:`ggprior.formats`, :mod:`ggprior.train`,
+:mod:`ggprior.gct`, :mod:`ggprior.deepshape`, :mod:`ggprior.tasks`, :mod:`ggprior.report`,
+:mod:`ggprior.pipeline` (see docs/architecture.md).
 """
 
-from .compression import measure, quantized_state_dict
-from .container import ContainerError, load_compressed, read_header, save_compressed
-from .data import get_tokenizer, load_task, task_info
-from .deepshape import deepshape_, reshape_values
-from .distributed import GCTConfig, gct_hook, wrap_ddp
-from .formats import FORMATS as WEIGHT_FORMATS
-from .formats import convert as to_format
-from .ggd import GGFit, cdf, entropy, fit, logpdf, pdf, ppf, refine_mle, sample, variance
-from .hooks import activation_statistics, gradient_statistics
-from .init import gg_, gg_init_, xi_for
-from .models import build_model, initialize_, load_minilm
-from .pipeline import PipelineConfig, run_pipeline
-from .quant import QuantError, dequantize, quantize, step_for_bits, step_for_rel_error
-from .rf8 import RF8Linear, to_rf8
-from .sources import SourceError, open_source
-from .stats import fit_model
-from .train import BackSlash, Callback, TrainConfig, TrainError, evaluate, make_rate_callback
-from .train.act import ACT, activation_bits
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_HOMES = {
+    # the distribution and statistics
+    "GeneralizedGaussian": "ggprior.gg", "fit": "ggprior.gg", "GGFit": "ggprior.gg",
+    "fit_model": "ggprior.stats", "activation_statistics": "ggprior.stats", "gradient_statistics": "ggprior.stats",
+    # initialization and training
+    "gg_": "ggprior.init", "gg_init_": "ggprior.init",
+    "BackSlash": "ggprior.train", "ACT": "ggprior.train", "backslash_step_": "ggprior.train",
+    "GCTConfig": "ggprior.gct", "GCTState": "ggprior.gct", "gct_hook": "ggprior.gct",
+    # DeepShape
+    "deepshape": "ggprior.deepshape", "deepshape_": "ggprior.deepshape",
+    # coding and number formats
+    "measure": "ggprior.codec", "save_compressed": "ggprior.codec", "load_compressed": "ggprior.codec",
+    "from_pretrained": "ggprior.codec",
+    "to_format": "ggprior.formats", "to_rf8": "ggprior.formats",
+    # the main job
+    "run_pipeline": "ggprior.pipeline", "PipelineConfig": "ggprior.pipeline",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ggprior' has no attribute {name!r}")
+    module = importlib.import_module(home)
+    if name == "deepshape":  # the subpackage owns this attribute; it is callable: ggprior.deepshape(model, ...)
+        return module
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -30,7 +30,8 @@ import torch
 from scipy import integrate, stats
 from torch import nn
 
-from . import ggd
+from . import gg
+from .runtime import is_conv1d
 
 TORCH_NONLINEARITIES = (
     "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
@@ -72,7 +73,7 @@ def _fans(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
 
 def gg_beta(gamma: float, fan: int, xi: float = 2.0) -> float:
     """beta_w of eq. 6: the GG scale giving variance xi / fan at shape gamma."""
-    return float(ggd.beta_from_std(math.sqrt(xi / fan), gamma))
+    return float(gg.beta_from_std(math.sqrt(xi / fan), gamma))
 
 
 def gg_(
@@ -109,17 +110,13 @@ def gg_std_(
     if (std is None) == (beta is None):
         raise ValueError("gg_std_: give exactly one of std and beta")
     if beta is None:
-        beta = float(ggd.beta_from_std(std, gamma))
+        beta = float(gg.beta_from_std(std, gamma))
     with torch.no_grad():
         gen_device = generator.device if generator is not None else tensor.device
-        values = ggd.sample(tensor.shape, 0.0, beta, gamma, generator=generator, dtype=tensor.dtype,
+        values = gg.sample(tensor.shape, 0.0, beta, gamma, generator=generator, dtype=tensor.dtype,
                             device=gen_device)
         tensor.copy_(values)
     return tensor
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def gg_init_(
@@ -154,8 +151,11 @@ def gg_init_(
             std = float(weight.detach().float().std())
             if std > 0:
                 gg_std_(weight, gamma, std=std, generator=generator)
-        elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or _is_conv1d(module):
-            transposed = _is_conv1d(module) or isinstance(module, nn.modules.conv._ConvTransposeNd)
+            if module.padding_idx is not None:  # as torch and transformers do: the padding row stays zero
+                with torch.no_grad():
+                    weight[module.padding_idx].zero_()
+        elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_conv1d(module):
+            transposed = is_conv1d(module) or isinstance(module, nn.modules.conv._ConvTransposeNd)
             gg_(weight, gamma, nonlinearity, a, mode, generator, transposed=transposed)
         else:
             continue

@@ -1,11 +1,20 @@
-"""The typer application every subcommand module registers on."""
+"""The typer application every subcommand module registers on, and the CLI's conventions.
+
+Every command reads ``ggprior VERB SOURCE OUT [options]``. Modules here import the library inside
+each command (so ``ggprior --help`` stays fast) and print through :data:`console`, which treats
+every string as plain text (``markup=False``): paths, tensor names and error messages are data,
+not rich markup.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 app = typer.Typer(
     name="ggprior",
@@ -13,8 +22,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)
 
 
 @app.callback()
@@ -23,6 +33,38 @@ def _root() -> None:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print a one-line error and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print a one-line error (as plain text) and exit non-zero."""
+    console.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def renamed(value: object, old: str, new: str) -> None:
+    """Fail with a line naming the new spelling when the old option ``old`` was given (``value`` not None)."""
+    if value is not None:
+        fail(f"{old} is gone: {new}")
+
+
+def need(value: object, what: str, usage: str) -> None:
+    """Fail when a positional argument is missing, showing the usage line."""
+    if value is None:
+        fail(f"missing {what}: usage: {usage}")
+
+
+OVERWRITE_HELP = "replace OUT if it exists"
+
+
+def check_output(out: Path, inputs: tuple[object, ...], *, overwrite: bool, writes: tuple[Path, ...] = ()) -> None:
+    """Fail before anything is written when OUT (or a file ``writes`` names inside it) is one of ``inputs``
+    (the same file or folder, symlinks resolved), or when OUT exists (a file, or a folder with files in it)
+    and ``overwrite`` is off."""
+    for target in (out, *writes):
+        for given in inputs:
+            if given is None or not Path(str(given)).exists():
+                continue
+            src = Path(str(given))
+            same = os.path.samefile(src, target) if target.exists() else src.resolve() == target.resolve()
+            if same:
+                fail(f"{target}: is the input {given}; write the output to another path")
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        if not overwrite:
+            fail(f"{out}: already exists (pass --overwrite to replace it)")

@@ -6,22 +6,26 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from safetensors.torch import save_file
 
-from ..coding.bits import CodingError
-from ..coding.registry import CODERS
-from ..compression import CODERS as MEASURE_CODERS
-from ..compression import measure, plot_bits
-from ..container import ContainerError, inspect_rows, load_compressed, save_compressed
-from ..fileio import atomic_path, write_text
-from ..quant import QuantError
-from ..report import write_table
-from ..sources import SourceError
-from .app import app, console, fail
+from .app import OVERWRITE_HELP, app, check_output, console, fail, need, renamed
+from .choices import CODERS, INCLUDE
 
-ERRORS = (SourceError, ContainerError, CodingError, QuantError, ValueError, OSError)
+STEP_HELP = "quantization step for every tensor"
+BITS_HELP = "per-tensor step of a symmetric fixed-length quantizer of this many bits (default 10)"
+REL_HELP = "per-tensor step giving this relative RMS error"
+SELECT_HELP = "quantize 'all' floating tensors, or only 'matrices' (norms and biases kept exact)"
+JOBS_HELP = "threads coding chunks (default: every core)"
+LOSSLESS_HELP = "store every bf16/fp16/fp32 tensor bit-exactly (NaN and Inf included); no quantization"
+TARGET_HELP = ("bits/weight over the quantized tensors: per-tensor steps from the GG-model bit allocation "
+               "(uniform sensitivity; --coder ans or ans-hist)")
+INCLUDE_GONE = "use --select all|matrices (--include is a tensor-name regex, as in ggprior quantize)"
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    from ..codec import CodingError, ContainerError, QuantError
+    from ..io import SourceError
+
+    return (SourceError, ContainerError, CodingError, QuantError, ValueError, OSError)
 
 
 def _step_args(step: float | None, bits: int | None, rel_error: float | None) -> dict:
@@ -30,10 +34,10 @@ def _step_args(step: float | None, bits: int | None, rel_error: float | None) ->
     return {"step": step, "bits": bits, "rel_error": rel_error}
 
 
-STEP_HELP = "quantization step for every tensor"
-BITS_HELP = "per-tensor step of a symmetric fixed-length quantizer of this many bits (default 10)"
-REL_HELP = "per-tensor step giving this relative RMS error"
-INCLUDE_HELP = "quantize 'all' floating tensors, or only 'matrices' (norms and biases kept exact)"
+def _select(select: str) -> str:
+    if select not in INCLUDE:
+        fail(f"--select must be one of {', '.join(INCLUDE)}, got {select!r}")
+    return select
 
 
 @app.command("compress")
@@ -44,87 +48,131 @@ def compress_cmd(
     bits: int = typer.Option(None, "--bits", help=BITS_HELP),
     rel_error: float = typer.Option(None, "--rel-error", help=REL_HELP),
     coder: str = typer.Option("ans", "--coder", help=f"one of {', '.join(CODERS)}"),
-    include: str = typer.Option("all", "--include", help=INCLUDE_HELP),
+    select: str = typer.Option("all", "--select", help=SELECT_HELP),
     gg_fit: str = typer.Option("moment", "--gg-fit", help="GG fit for --coder ans: moment or ml"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    jobs: int = typer.Option(None, "--jobs", min=1, help=JOBS_HELP),
+    lossless: bool = typer.Option(False, "--lossless", help=LOSSLESS_HELP),
+    target_bits: float = typer.Option(None, "--target-bits", help=TARGET_HELP),
+    old_include: str = typer.Option(None, "--include", hidden=True),
 ) -> None:
-    """Quantize and entropy-code a model into a .ggz file."""
+    """Quantize and entropy-code a model into a .ggz file (a folder's config and tokenizer files go inside)."""
+    renamed(old_include, "--include", INCLUDE_GONE)
+    rule = _step_args(step, bits, rel_error)
+    given = [f for f, v in (("--step", step), ("--bits", bits), ("--rel-error", rel_error)) if v is not None]
+    if lossless and (target_bits is not None or given):
+        fail(f"--lossless stores the exact values: it takes no {' or '.join(given or ['--target-bits'])}")
+    if target_bits is not None and given:
+        fail(f"--target-bits chooses the steps: it takes no {given[0]}")
+    check_output(out, (source,), overwrite=overwrite)
+    from ..codec import save_compressed, stored_bytes
+
     try:
-        header = save_compressed(source, out, coder=coder, include=include, gg_fit=gg_fit, progress=True,
-                                 **_step_args(step, bits, rel_error))
-    except ERRORS as e:
+        header = save_compressed(source, out, coder=coder, include=_select(select), gg_fit=gg_fit, progress=True,
+                                 jobs=jobs, lossless=lossless, target_bits=target_bits, **rule)
+    except _errors() as e:
         fail(str(e))
-    q = [e for e in header["tensors"] if e["encoding"] == "quantized"]
+    q = [e for e in header["tensors"] if e["encoding"] == ("lossless" if lossless else "quantized")]
     n = sum(_numel(e) for e in q)
-    qbytes = sum(e["length"] for e in q)
-    console.print(f"wrote {out}: {header['file_bytes']:,} bytes; {len(q)} quantized tensors, {n:,} weights at "
-                  f"{8 * qbytes / max(n, 1):.4f} bits/weight ({coder}); "
-                  f"{len(header['tensors']) - len(q)} tensors stored raw")
+    qbytes = sum(stored_bytes(e) for e in q)
+    tied = sum(e["encoding"] == "alias" for e in header["tensors"])
+    console.print(f"wrote {out}: {header['file_bytes']:,} bytes; {len(q)} {'lossless' if lossless else 'quantized'} tensors, "
+                  f"{n:,} weights at {8 * qbytes / max(n, 1):.4f} bits/weight ({'lossless' if lossless else coder}); "
+                  f"{len(header['tensors']) - len(q) - tied} tensors stored raw; {tied} tied to another (stored once); "
+                  f"{len(header['files'])} side files")
 
 
 @app.command("decompress")
 def decompress_cmd(
-    src: Path = typer.Argument(..., help="input .ggz file"),
-    out: Path = typer.Argument(..., help="output .safetensors file"),
+    source: Path = typer.Argument(..., help="input .ggz file"),
+    out: Path = typer.Argument(..., help="output folder (transformers loads it as it is), or a .safetensors file"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    max_shard_size: str = typer.Option("50GB", "--max-shard-size", help="shard the weights above this size (5GB, 500MB)"),
+    jobs: int = typer.Option(None, "--jobs", min=1, help=JOBS_HELP),
+    max_bytes: str = typer.Option(None, "--max-bytes", help="refuse a file that decodes to more (default: the RAM size)"),
 ) -> None:
-    """Decode a .ggz file into a safetensors file (dequantized weights, original dtypes)."""
+    """Decode a .ggz file into a Hugging Face folder or a safetensors file (original dtypes)."""
+    check_output(out, (source,), overwrite=overwrite)
+    from ..codec import decompress
+    from ..io import parse_size
+
     try:
-        sd = load_compressed(src)
-        with atomic_path(out) as tmp:
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"ggprior_source": str(src)})
-    except ERRORS as e:
+        files = decompress(source, out, max_shard_size=max_shard_size, overwrite=overwrite, jobs=jobs,
+                           max_bytes=None if max_bytes is None else parse_size(max_bytes), progress=True)
+    except _errors() as e:
         fail(str(e))
-    console.print(f"wrote {out}: {len(sd)} tensors")
+    console.print(f"wrote {out}: {len(files)} files")
 
 
 @app.command("inspect")
 def inspect_cmd(
-    src: Path = typer.Argument(..., help="a .ggz file"),
-    out: Path = typer.Option(None, "--out", help="also write the table (json/csv/md) to this folder"),
+    source: Path = typer.Argument(..., help="a .ggz file"),
+    out: Path = typer.Argument(None, metavar="OUT", help="also write the table (json/csv/md) to this folder"),
+    old_out: Path = typer.Option(None, "--out", hidden=True),
 ) -> None:
     """Per-tensor table of a .ggz file: shape, coder, bits/weight, step, GG parameters."""
+    renamed(old_out, "--out", "the table folder is the second argument: ggprior inspect SOURCE [OUT]")
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..codec import inspect_rows
+    from ..io import write_table
+
     try:
-        rows = inspect_rows(src)
-    except ERRORS as e:
+        rows = inspect_rows(source)
+    except _errors() as e:
         fail(str(e))
-    table = Table(title=str(src))
+    table = Table(title=str(source))
     cols = ["name", "shape", "dtype", "coder", "bytes", "bits_per_weight", "step", "gg_mu", "gg_beta", "gg_gamma"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("name", "shape", "dtype", "coder") else "right")
     for r in rows:
         table.add_row(*(_fmt(r.get(c)) for c in cols))
-    Console(width=max(console.width, 170)).print(table)
+    Console(width=max(console.width, 170), markup=False).print(table)
     if out is not None:
-        files = write_table(rows, out, "inspect", cols, title=f"Contents of {src}")
+        files = write_table(rows, out, "inspect", cols, title=f"Contents of {source}")
         console.print(f"wrote {', '.join(str(p) for p in files.values())}")
 
 
 @app.command("measure")
 def measure_cmd(
-    source: str = typer.Argument(..., help="a .safetensors file, a HF folder, a .bin/.pt state dict, or minilm"),
-    out: Path = typer.Option(Path("runs/compression"), "--out", help="output folder"),
+    source: str = typer.Argument(None, metavar="SOURCE", help="a .safetensors file, a HF folder, a .bin/.pt state dict, or minilm"),
+    out: Path = typer.Argument(None, metavar="OUT", help="output folder"),
     step: float = typer.Option(None, "--step", help=STEP_HELP),
     bits: int = typer.Option(None, "--bits", help=BITS_HELP),
     rel_error: float = typer.Option(None, "--rel-error", help=REL_HELP),
-    include: str = typer.Option("all", "--include", help=INCLUDE_HELP),
+    select: str = typer.Option("all", "--select", help=SELECT_HELP),
     eg_k: int = typer.Option(0, "--eg-k", help="order of the fixed-order Exp-Golomb column"),
     gg_fit: str = typer.Option("moment", "--gg-fit", help="GG fit: moment or ml"),
+    old_out: Path = typer.Option(None, "--out", hidden=True),
+    old_include: str = typer.Option(None, "--include", hidden=True),
 ) -> None:
     """Code lengths of every coder per tensor and for the model (from histograms; no file written)."""
+    usage = "ggprior measure SOURCE OUT [options]"
+    renamed(old_out, "--out", f"the output folder is the second argument: {usage}")
+    renamed(old_include, "--include", INCLUDE_GONE)
+    need(source, "SOURCE", usage)
+    need(out, "OUT", usage)
+    from rich.table import Table
+
+    from ..codec import measure
+    from ..io import write_table, write_text
+    from ..report.plots import plot_bits
+
     try:
-        rows, summary = measure(source, include=include, eg_k=eg_k, gg_fit=gg_fit, progress=True,
+        rows, summary = measure(source, include=_select(select), eg_k=eg_k, gg_fit=gg_fit, progress=True,
                                 **_step_args(step, bits, rel_error))
-    except ERRORS as e:
+    except _errors() as e:
         fail(str(e))
     files = write_table(rows, out, "compression", title=f"Code lengths of {summary['source']}")
     write_text(out / "compression_summary.json", json.dumps(summary, indent=1) + "\n")
     png = plot_bits(summary, out / "compression_bits.png")
-    table = Table(title=f"{summary['source']} ({summary['step_rule']}, include={include}): whole model")
+    table = Table(title=f"{summary['source']} ({summary['step_rule']}, select={select}): whole model")
     for c in ("coder", "bits/weight", "CR vs FL", "ratio vs dtype", "model bytes"):
         table.add_column(c, justify="left" if c == "coder" else "right")
-    for c in MEASURE_CODERS:
-        if f"bpw_{c}" in summary:
-            table.add_row(c, f"{summary[f'bpw_{c}']:.4f}", f"{summary[f'cr_{c}']:.4f}",
-                          f"{summary[f'ratio_dtype_{c}']:.3f}", f"{summary[f'model_bytes_{c}']:,.0f}")
+    for c in (k.removeprefix("bpw_") for k in summary if k.startswith("bpw_")):
+        table.add_row(c, f"{summary[f'bpw_{c}']:.4f}", f"{summary[f'cr_{c}']:.4f}",
+                      f"{summary[f'ratio_dtype_{c}']:.3f}", f"{summary[f'model_bytes_{c}']:,.0f}")
     console.print(table)
     console.print(f"wrote {', '.join(str(p) for p in files.values())}, {out / 'compression_summary.json'}, {png}")
 

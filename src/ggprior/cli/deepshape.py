@@ -5,14 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from ..data import DataError
-from ..deepshape import BIN_WIDTH, N_MIN, SELECT, TAILS, deepshape, save_tensors
-from ..models import ModelError
-from ..report import write_table
-from ..sources import SourceError
-from .app import app, console, fail
+from .app import OVERWRITE_HELP, app, check_output, console, fail
+from .choices import BIN_WIDTH, N_MIN, SELECT, TAILS
 
 
 def parse_n_min(text: str) -> int | float:
@@ -45,17 +40,23 @@ def deepshape_cmd(
     epochs: int = typer.Option(1, "--epochs", help="fine-tuning epochs per round (with --task; 0: reshape only)"),
     rounds: int = typer.Option(1, "--rounds", help="iterated DeepShape: reshape + fine-tune, this many times"),
     arch: str | None = typer.Option(None, "--arch", help="bert, gpt2 or llama: the model a weights file holds"),
-    scale: int = typer.Option(1, "--scale", help="model scale of --arch (ggprior.models.size_for)"),
+    scale: int = typer.Option(1, "--scale", help="model scale of --arch (ggprior.tasks.models.size_for)"),
     vocab_size: int = typer.Option(4096, "--vocab-size", help="BPE vocabulary of --arch models"),
     max_len: int = typer.Option(128, "--max-len", help="tokens per example"),
     max_train: int | None = typer.Option(None, "--max-train", help="use a seeded subset of the training split"),
     lr: float = typer.Option(2e-5, "--lr", help="fine-tuning learning rate"),
     batch_size: int = typer.Option(32, "--batch-size", help="fine-tuning batch size"),
     seed: int = typer.Option(0, "--seed", help="fine-tuning seed (round r uses seed + r - 1)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Reshape SOURCE's weights toward GG(mu, K_gamma gamma, K_beta beta), optionally fine-tune, and write OUT."""
     if out.suffix != ".safetensors":
         fail(f"{out}: the output must be a .safetensors file")
+    check_output(out, (source,), overwrite=overwrite)
+    from ..deepshape import deepshape
+    from ..io import SourceError, save_tensors, write_table
+    from ..tasks import DataError, ModelError
+
     options = {"select": select, "pooled": pooled, "tails": tails, "bin_width": bin_width, "snap": snap}
     meta = {"deepshape": f"k_gamma={k_gamma} k_beta={k_beta} tails={tails} select={select} pooled={pooled}"}
     try:
@@ -80,8 +81,9 @@ def _reshape_and_finetune(source: str, out: Path, k_gamma: float, k_beta: float,
                           report: Path | None, *, task: str, epochs: int, rounds: int, arch: str | None, scale: int,
                           vocab_size: int, max_len: int, max_train: int | None, lr: float, batch_size: int,
                           seed: int) -> None:
-    from ..data import load_task
-    from ..deepshape_finetune import deepshape_finetune, model_for_task
+    from ..deepshape.finetune import deepshape_finetune
+    from ..io import save_tensors, write_table
+    from ..tasks import load_task, model_for_task
     from ..train import TrainConfig, evaluate
 
     model, tok = model_for_task(source, task, arch=arch, scale=scale, vocab_size=vocab_size, max_len=max_len)
@@ -111,6 +113,8 @@ def _fmt(metrics: dict) -> str:
 
 
 def _print_summary(rows: list[dict]) -> None:
+    from rich.table import Table
+
     table = Table(title="DeepShape: whole-tensor fits before -> after (target); H = bits/value on the bin grid")
     for col in ("tensor", "tails %", "gamma", "beta", "H"):
         table.add_column(col, justify="left" if col == "tensor" else "right", overflow="fold")

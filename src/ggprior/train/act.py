@@ -3,7 +3,7 @@
 Design (ours; SPEC.md section 7 gives only the abstract), in the spirit of BackSlash:
 
 - What is constrained: the hidden state each transformer block hands to the next (the output of
-  block l, l = 0..L-1, found by :func:`ggprior.hooks.transformer_blocks`), at non-padding
+  block l, l = 0..L-1, found by :func:`ggprior.stats.transformer_blocks`), at non-padding
   positions only (the model's ``attention_mask`` is read by a forward pre-hook).
 - Rate: the GG rate surrogate of BackSlash on those values, per block
   R_l = mean (|a| + eps)^nu_l, nu_l re-estimated every step from the block's (detached) activations
@@ -19,7 +19,7 @@ Design (ours; SPEC.md section 7 gives only the abstract), in the spirit of BackS
 Measurement (:func:`activation_bits`): every block output on an evaluation set, at non-padding
 positions, quantized with one fixed absolute step (default ``STEP`` = 2^-4; LayerNorm'd hidden
 states have unit scale per token), coded with rANS under each block's own histogram (the real
-stream length from ``ggprior.coding``), the empirical entropy, and the fraction of values that
+stream length from ``ggprior.codec``), the empirical entropy, and the fraction of values that
 quantize to zero. :func:`quantized_activations` evaluates a model whose block outputs are replaced
 by their quantized values, so the bits are shown to be enough for the task.
 """
@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..coding import registry
-from ..coding.histogram import histogram
-from ..data import TaskData, batches
-from ..hooks import first_tensor, masked, transformer_blocks
-from ..quant import check_step
+from ..codec import registry
+from ..codec.histogram import histogram
+from ..codec.quantizer import check_step
+from ..runtime import device_of
+from ..stats.hooks import first_tensor, masked, transformer_blocks
+from ..tasks.data import TaskData, batches
 from .backslash import NU_RANGE, estimate_nu
 from .loop import Callback, TrainError, evaluate
 
@@ -120,10 +121,6 @@ class ACT(Callback):
         return out
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @contextmanager
 def _block_outputs(model: nn.Module, transform=None) -> Iterator[tuple[dict, list]]:
     """Forward hooks on every block: record (masked) outputs, optionally replace them by ``transform(out)``."""
@@ -162,7 +159,7 @@ def activation_bits(model: nn.Module, data: TaskData, step: float = STEP, batch_
     step = check_step(step, "activation step")
     was = model.training
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     per_block: dict[int, list[np.ndarray]] = {}
     tokens, sq = 0, 0.0
     try:

@@ -32,8 +32,9 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import TaskData, batches
-from ..fileio import atomic_path, write_text
+from ..io.atomic import atomic_path, write_text
+from ..runtime import device_of, to_device
+from ..tasks.data import TaskData, batches
 
 
 class TrainError(ValueError):
@@ -99,14 +100,6 @@ class Callback:
         """Restore what :meth:`state_dict` returned."""
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TaskData, batch_size: int = 128) -> dict[str, float]:
     """Loss plus accuracy (classification) or perplexity (LM) of ``model`` on ``data``.
@@ -117,10 +110,10 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 128) -> dict[st
         raise TrainError(f"{data.name}/{data.split}: no examples to evaluate")
     was_training = model.training
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     total, count, correct = 0.0, 0, 0
     for batch in batches(data, batch_size):
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         out = model(**batch)
         if data.kind == "lm":
             n = int((batch["labels"][:, 1:] != -100).sum())
@@ -249,11 +242,13 @@ def train(
         for batch in batches(train_data, cfg.batch_size, shuffle=True, generator=gen):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg)
-            loss = model(**_to(batch, device)).loss
+            loss = model(**to_device(batch, device)).loss
             extras = [x for x in (cb.extra_loss(model, step + 1) for cb in callbacks) if x is not None]
             full = loss + sum(extras) if extras else loss
             if not torch.isfinite(full):
-                raise TrainError(f"loss became {float(full.detach())} at step {step + 1} (epoch {epoch + 1})")
+                hints = [cb.failure_hint() for cb in callbacks if hasattr(cb, "failure_hint")]
+                raise TrainError(f"loss became {float(full.detach())} at step {step + 1} (epoch {epoch + 1})"
+                                 + "".join(f"; {h}" for h in hints))
             opt.zero_grad(set_to_none=True)
             full.backward()
             step += 1

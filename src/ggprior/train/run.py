@@ -17,7 +17,7 @@ Compression figures (SPEC.md section 4, OPEN points decided here):
   and biases are kept exact and counted at 32 bits in the whole-model sizes.
 - Coders: FL (width covering each tensor's integer range), EG (best order per tensor), HM
   (Huffman), ANS (rANS under the fitted GG), and the empirical entropy (ideal). Side
-  information is counted as in :func:`ggprior.compression.measure`.
+  information is counted as in :func:`ggprior.codec.measure`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from ..compression import measure, quantized_state_dict
-from ..data import get_tokenizer, load_task, task_info, task_kind
-from ..fileio import atomic_path, write_text
-from ..models import INIT_SCHEMES, ModelError, build_model, check_arch, count_parameters, initialize_
+from ..codec.lengths import measure, quantized_state_dict
+from ..io.atomic import atomic_path, write_text
+from ..tasks.data import load_task, task_info, task_kind
+from ..tasks.models import INIT_SCHEMES, ModelError, build_model, check_arch, count_parameters, initialize_
+from ..tasks.tokenizer import get_tokenizer
 from .backslash import RATES, make_rate_callback
 from .loop import TrainConfig, TrainError, evaluate, train
 

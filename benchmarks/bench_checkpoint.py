@@ -1,0 +1,135 @@
+"""Real-size checkpoints: compress / decompress a synthetic sharded bf16 checkpoint, wall time and peak memory.
+
+Writes a Hugging Face style folder of ``--gb`` GB of bf16 weights (``--tensors`` tensors of
+``--values`` values each, GG-like, ``--shard-gb`` shards with a ``model.safetensors.index.json``),
+then runs ``ggprior compress`` and ``ggprior decompress`` (to a folder) in fresh subprocesses with
+``--jobs 1`` and ``--jobs`` = every core (torch's own intra-op threads set to 1, so ``--jobs`` is
+the only parallelism). For each run: wall time, CPU time, weights/s and the
+peak RSS of the subprocess (``ru_maxrss`` from ``os.wait4``), against the goal peak RSS <= 0.5 GB
++ 4 x the largest tensor's float32 size; the decode speedup of all jobs over one job against the
+goal >= 1.8x on 2 cores. The decoded folder is checked against the quantized source on one tensor.
+Everything is written under ``--tmp`` and deleted afterwards. Prints JSON; ``--out`` also writes it.
+
+    flock /tmp/ggprior-heavy.lock python benchmarks/bench_checkpoint.py --out docs/results/checkpoints/bench_checkpoint.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+GB = 1e9
+
+
+def write_checkpoint(folder: Path, tensors: int, values: int, shard_bytes: float, seed: int) -> int:
+    """A sharded bf16 checkpoint of Laplace-like weights; returns the largest tensor's values."""
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    per_shard = max(1, int(shard_bytes // (2 * values)))
+    names = [f"layers.{i}.weight" for i in range(tensors)]
+    groups = [names[i : i + per_shard] for i in range(0, tensors, per_shard)]
+    weight_map = {}
+    for k, group in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {}
+        for name in group:
+            x = torch.empty(values // 4096, 4096, dtype=torch.float32).exponential_(generator=g)
+            x *= torch.where(torch.rand(x.shape, generator=g) < 0.5, -0.02, 0.02)  # Laplace, scale 0.02
+            shard[name] = x.to(torch.bfloat16)
+            del x
+            weight_map[name] = fname
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        del shard
+    index = {"metadata": {"total_size": 2 * values * tensors}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"model_type": "synthetic", "n": tensors}))
+    return values
+
+
+def run(cmd: list[str]) -> dict:
+    """Run ``cmd`` in a subprocess; wall time, CPU time and peak RSS (bytes) of that process."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # parallelism is --jobs alone
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode() if p.stderr else ""
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {err[-2000:]}")
+    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_gb": round(ru.ru_maxrss * 1024 / GB, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tensors", type=int, default=24)
+    ap.add_argument("--values", type=int, default=1 << 26, help="values per tensor (a multiple of 4096)")
+    ap.add_argument("--shard-gb", type=float, default=0.6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tmp", type=Path, default=Path("runs/bench_checkpoint"))
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.tmp.exists():
+        shutil.rmtree(args.tmp)
+    ggprior = [sys.executable, "-m", "ggprior"]
+    jobs_all = len(os.sched_getaffinity(0))
+    try:
+        src = args.tmp / "src"
+        t0 = time.perf_counter()
+        largest = write_checkpoint(src, args.tensors, args.values, args.shard_gb * GB, args.seed)
+        write_s = time.perf_counter() - t0
+        n = args.tensors * args.values
+        goal_rss = 0.5 + 4 * 4 * largest / GB
+        rows = {}
+        for jobs in sorted({1, jobs_all}):
+            ggz = args.tmp / f"m{jobs}.ggz"
+            rows[f"compress_jobs{jobs}"] = run([*ggprior, "compress", str(src), str(ggz), "--jobs", str(jobs)])
+            rows[f"decompress_jobs{jobs}"] = run([*ggprior, "decompress", str(ggz), str(args.tmp / f"out{jobs}"),
+                                                  "--jobs", str(jobs), "--max-shard-size", "1GB"])
+            for k in (f"compress_jobs{jobs}", f"decompress_jobs{jobs}"):
+                r = rows[k]
+                r.update(weights_per_s=round(n / r["wall_s"]), cpu_weights_per_s=round(n / r["cpu_s"]),
+                         rss_goal_met=r["peak_rss_gb"] <= goal_rss)
+            rows[f"compress_jobs{jobs}"]["file_gb"] = round(ggz.stat().st_size / GB, 4)
+            rows[f"compress_jobs{jobs}"]["bits_per_weight"] = round(8 * ggz.stat().st_size / n, 4)
+            shutil.rmtree(args.tmp / f"out{jobs}")
+        files = {f"m{j}.ggz" for j in {1, jobs_all}}
+        same = len({(args.tmp / f).read_bytes() for f in files}) == 1
+        result = {
+            "benchmark": "bench_checkpoint",
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "machine": {"cpus": jobs_all, "platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__},
+            "checkpoint": {"dtype": "bfloat16", "tensors": args.tensors, "values": n, "gb": round(2 * n / GB, 3),
+                           "largest_tensor_values": largest, "seed": args.seed, "write_s": round(write_s, 1)},
+            "defaults": "ggprior compress (coder ans, bits 10, chunks of 4M values); decompress to a folder, 1GB shards; "
+                        "OMP_NUM_THREADS=1",
+            "goal_peak_rss_gb": round(goal_rss, 3),
+            "runs": rows,
+            "files_identical_across_jobs": same,
+        }
+        if jobs_all > 1:
+            for what in ("compress", "decompress"):
+                result[f"{what}_speedup_all_jobs"] = round(rows[f"{what}_jobs1"]["wall_s"] / rows[f"{what}_jobs{jobs_all}"]["wall_s"], 3)
+            result["decode_speedup_goal_met"] = result["decompress_speedup_all_jobs"] >= 1.8
+    finally:
+        shutil.rmtree(args.tmp, ignore_errors=True)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Quantization and entropy coding of weights, and the ``.ggz`` file.
+
+* :mod:`.quantizer` - uniform scalar quantization, step rules, :func:`quantize_tensor` (the one
+  step every coder shares: step, integers, histogram, GG fit);
+* :mod:`.bits` - bit packing and the integer maps (zigzag, sign/magnitude);
+* :mod:`.fixed`, :mod:`.expgolomb`, :mod:`.huffman`, :mod:`.ans` - the coders;
+* :mod:`.histogram`, :mod:`.ggmodel` - histograms and the GG model of quantized integers;
+* :mod:`.registry` - the coder names and one ``encode``/``decode`` interface over them;
+* :mod:`.lengths` - code lengths of a whole model from histograms (:func:`measure`);
+* :mod:`.rans` - the table-driven rANS coder (integer frequency tables stored in the file);
+* :mod:`.header`, :mod:`.writer`, :mod:`.container` - the ``.ggz`` file: format and checks, writing,
+  reading and the public API (:func:`save_compressed`, :func:`load_compressed`);
+* :mod:`.checkpoint` - a ``.ggz`` back to a Hugging Face folder or a model (:func:`decompress`, :func:`from_pretrained`).
+
+Imports ``gg`` and ``io`` only.
+"""
+
+from .bits import CodingError
+from .checkpoint import decompress, from_pretrained
+from .container import (
+    ContainerError,
+    inspect_rows,
+    load_compressed,
+    load_integers,
+    read_header,
+    save_compressed,
+    stored_bytes,
+)
+from .histogram import Histogram, histogram
+from .lengths import measure, quantized_state_dict, summarize, tensor_bits
+from .quantizer import QuantError, QuantizedTensor, dequantize, quantize, quantize_tensor
+from .registry import CODERS, MEASURES

@@ -1,0 +1,98 @@
+"""Per-tensor steps for a target size (``save_compressed(target_bits=B)``, ``ggprior compress --target-bits B``).
+
+The target ``B`` is in bits per weight over the quantized tensors, counting what the ``.ggz``
+file stores for them: the rANS frequency tables and the coded chunks (as ``ggprior compress``
+reports it; the JSON header, raw tensors and side files are not counted). The steps come from
+:func:`ggprior.codec.allocate.allocate` (equal slope under each tensor's fitted GG, calibrated to
+real code lengths; sensitivity weights optional, uniform by default). The allocation's own side
+information is a constant per tensor, so the steps are then corrected against :func:`stored_bits`,
+the size the writer will produce (the table it will store and the ideal code length under that
+integer table, plus the rANS states of every chunk), by rescaling the allocation's target until
+the two agree within 0.2 %. A target the file cannot reach within 1 % raises
+:class:`~ggprior.codec.allocate.AllocationError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from . import allocate as alloc
+from . import ggmodel, rans, registry
+from . import quantizer as quant
+from .histogram import histogram
+
+TABLE_CODERS = ("ans", "ans-hist")
+TOLERANCE = 0.002
+ROUNDS = 6
+
+
+def stored_bits(t: torch.Tensor, step: float, *, coder: str = "ans", gg_fit: str = "moment", name: str = "tensor",
+                chunk_values: int = 1 << 22) -> float:
+    """Bits the writer stores for ``t`` at ``step`` with an ``ans`` coder: table + ideal code + chunk states."""
+    q = quant.quantize(t, step, name=name).numpy().reshape(-1)
+    h = histogram(q)
+    gg = ggmodel.fit(h, gg_fit).as_float32()
+    qmin, freqs = registry.rans_table(coder, h, gg)
+    f = freqs[h.symbols - qmin].astype(np.float64)
+    payload = float(-(h.counts * (np.log2(f) - rans.PROB_BITS)).sum())
+    chunks = math.ceil(q.size / chunk_values)
+    return 8.0 * len(rans.pack_freqs(freqs)) + payload + chunks * (128 + 8)  # 4 u32 states, a word's rounding
+
+
+def target_steps(
+    tensors: Mapping[str, torch.Tensor], names: list[str], target_bits: float, *, coder: str = "ans",
+    gg_fit: str = "moment", weights: Mapping[str, float] | None = None, chunk_values: int = 1 << 22,
+) -> tuple[dict[str, float], dict]:
+    """Steps (name -> float32 step) of the tensors ``names`` meeting ``target_bits`` bits/weight, and a summary.
+
+    ``tensors`` maps names to tensors (loaded on demand); ``weights`` are sensitivity weights per
+    tensor (a float each; default 1). Raises QuantError naming a tensor with NaN/Inf values and
+    AllocationError for a target that cannot be met.
+    """
+    if coder not in TABLE_CODERS:
+        raise alloc.AllocationError(f"a target size needs an rANS coder ({', '.join(TABLE_CODERS)}), got {coder!r}")
+    if not isinstance(target_bits, (int, float)) or not math.isfinite(target_bits):
+        raise alloc.AllocationError(f"target of {target_bits!r} bits/weight is not a finite number")
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise alloc.AllocationError(f"sensitivity weights for tensors that are not quantized: {unknown[:5]}")
+    models = []
+    for k in names:
+        t = tensors[k]
+        if not bool(torch.isfinite(t).all()):
+            raise quant.QuantError(f"{k}: contains NaN or Inf values; cannot quantize (store it with --lossless)")
+        w = weights.get(k, 1.0)
+        if np.ndim(w) != 0 or not math.isfinite(float(w)) or float(w) < 0:
+            raise alloc.AllocationError(f"{k}: sensitivity weight must be one finite number >= 0, got {w!r}")
+        models.append(alloc.tensor_model(k, t, float(w)))
+    alloc.check_target(models, target_bits)
+    n = sum(tm.n for tm in models)
+    raw = sum(tm.n * tm.dtype_bits for tm in models) / n
+    aim, best = float(target_bits), None
+    for i in range(ROUNDS):
+        a = alloc.allocate(models, aim, tensors=tensors, calibrate=2 if i == 0 else 0)
+        steps = {k: quant.check_step(float(a.steps[k]), k) for k in names}
+        got = sum(stored_bits(tensors[k], steps[k], coder=coder, gg_fit=gg_fit, name=k, chunk_values=chunk_values)
+                  for k in names) / n
+        if best is None or abs(got - target_bits) < abs(best[1] - target_bits):
+            best = (steps, got)
+        if abs(got / target_bits - 1.0) <= TOLERANCE:
+            break
+        nxt = aim * target_bits / got
+        aim = min(max(nxt, 0.5 * aim), 2.0 * aim, raw * 0.999)
+        try:
+            alloc.check_target(models, aim)
+        except alloc.AllocationError:
+            break
+    steps, got = best
+    if abs(got / target_bits - 1.0) > 0.01:
+        raise alloc.AllocationError(
+            f"target of {target_bits:g} bits/weight cannot be met: the closest allocation stores {got:.4f} bits/weight "
+            f"over {len(names)} quantized tensors ({n:,} weights; tables and chunk states included)"
+        )
+    return steps, {"target_bits": float(target_bits), "bits": got, "weights": n}

@@ -1,0 +1,161 @@
+"""One quantized linear layer for every weight format, and converting a model's linear layers to it.
+
+:class:`QuantLinear` holds the weight in a :class:`~ggprior.formats.registry.Format` as the buffers
+``weight_codes`` (out x in, the format's storage dtype) and ``weight_scale`` (scaled formats only),
+and decodes it in forward, in blocks of rows so the decoded copy never exceeds ``block_elems``
+values. :class:`RF8Linear` is the same layer in the two RF8 roundings, under its own name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import FORMATS, RF8_FORMATS, RF8_MODES, Format, QTensor, get_format
+from .rf8 import MODES
+from .surgery import is_linear, linear_weight, replace_linear_layers
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is held in a :class:`Format` (codes + optional scale), decoded to
+    the input's dtype in forward. ``state_dict``: ``weight_codes`` (out x in, the format's storage
+    dtype), ``weight_scale`` (scaled formats only), ``bias`` (float, unquantized)."""
+
+    block_elems = 1 << 20
+
+    def __init__(self, in_features: int, out_features: int, fmt: str | Format, bias: bool = True, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        f = get_format(fmt)
+        self.in_features, self.out_features, self.fmt = in_features, out_features, f.name
+        zero = f.quantize(torch.zeros(1, 1)).codes.reshape(-1)[0].item()  # the code of 0.0 (RF8: 0x40)
+        self.register_buffer("weight_codes", torch.full((out_features, in_features), zero, dtype=f.storage,
+                                                        device=device))
+        scale_shape = {"none": None, "tensor": (), "channel": (out_features,)}[f.scale]
+        self.register_buffer("weight_scale", None if scale_shape is None else
+                             torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, fmt: str | Format, *, name: str = "linear") -> QuantLinear:
+        """Quantize an ``nn.Linear`` (or a transformers ``Conv1D``) into a new quantized layer
+        (an :class:`RF8Linear` for the RF8 formats)."""
+        w, b = linear_weight(linear)
+        f = get_format(fmt)
+        out = make_layer(f, w.shape[1], w.shape[0], b is not None, w.device,
+                         b.dtype if b is not None else torch.float32)
+        q = f.quantize(w, name=f"{name}.weight")
+        out.weight_codes.copy_(q.codes)
+        if q.scale is not None:
+            out.weight_scale.copy_(q.scale)
+        if b is not None:
+            out.bias.data.copy_(b.detach())
+        return out
+
+    def _decode(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        scale = self.weight_scale
+        if scale is not None and scale.dim():
+            scale = scale[rows]
+        return FORMATS[self.fmt].dequantize(QTensor(self.weight_codes[rows], scale), dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded weight (float32, a new tensor)."""
+        return self._decode(slice(None), torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        rows = max(1, self.block_elems // max(1, self.in_features))
+        if rows >= self.out_features:
+            return F.linear(x, self._decode(slice(None), x.dtype), bias)
+        parts = []
+        for i in range(0, self.out_features, rows):
+            w = self._decode(slice(i, i + rows), x.dtype)
+            parts.append(F.linear(x, w, None if bias is None else bias[i:i + rows]))
+        return torch.cat(parts, dim=-1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, fmt={self.fmt}")
+
+
+class RF8Linear(QuantLinear):
+    """:class:`QuantLinear` in RF8: one byte a weight; ``mode`` is ``"truncate"`` (format ``rf8``) or
+    ``"nearest"`` (``rf8-round``). The decoded weight is exact in fp32, fp16 and bf16."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mode: str = "truncate",
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        if mode not in MODES:
+            raise ValueError(f"unknown RF8 rounding mode {mode!r}; expected one of {MODES}")
+        super().__init__(in_features, out_features, RF8_FORMATS[mode], bias, device=device, dtype=dtype)
+
+    @property
+    def mode(self) -> str:
+        return RF8_MODES[self.fmt]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, mode: str = "truncate", *, name: str = "linear") -> RF8Linear:
+        """Encode an ``nn.Linear`` (or a transformers ``Conv1D``) into a new RF8Linear."""
+        if mode not in MODES:
+            raise ValueError(f"unknown RF8 rounding mode {mode!r}; expected one of {MODES}")
+        return QuantLinear.from_linear(linear, RF8_FORMATS[mode], name=name)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, mode={self.mode}")
+
+
+def make_layer(fmt: str | Format, in_features: int, out_features: int, bias: bool, device=None,
+               dtype: torch.dtype = torch.float32) -> QuantLinear:
+    """An empty quantized layer of ``fmt`` (an :class:`RF8Linear` for the RF8 formats)."""
+    f = get_format(fmt)
+    if f.name in RF8_MODES:
+        return RF8Linear(in_features, out_features, bias, mode=RF8_MODES[f.name], device=device, dtype=dtype)
+    return QuantLinear(in_features, out_features, f, bias, device=device, dtype=dtype)
+
+
+def to_format(model: nn.Module, fmt: str | Format,
+              skip: Callable[[str], bool] | Iterable[str] | None = None) -> nn.Module:
+    """Replace every linear layer of ``model`` (``nn.Linear``, transformers ``Conv1D``) by its
+    quantized form in ``fmt`` (:class:`QuantLinear`; :class:`RF8Linear` for RF8), in place;
+    returns the model. ``skip`` is a predicate on layer names or a collection of names to keep.
+    Embeddings and norms are left as they are. A weight tied to an embedding (an LM head) is
+    quantized in the head only; the embedding keeps its float copy."""
+    f = get_format(fmt)
+    replace_linear_layers(model, lambda n, m: QuantLinear.from_linear(m, f, name=n), skip)
+    return model
+
+
+def layer_format(m: nn.Module) -> str | None:
+    """The format name of a quantized layer, None for any other module."""
+    return m.fmt if isinstance(m, QuantLinear) else None
+
+
+def quantized_layers(model: nn.Module) -> dict[str, str]:
+    """Name -> format of every quantized layer of ``model``."""
+    return {n: f for n, m in model.named_modules() if (f := layer_format(m)) is not None}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the weights of the linear layers (quantized or not), scales included."""
+    total = 0
+    for m in model.modules():
+        if layer_format(m) is not None:
+            total += m.weight_codes.nbytes + (0 if getattr(m, "weight_scale", None) is None else m.weight_scale.nbytes)
+        elif is_linear(m):
+            total += m.weight.nbytes
+    return total
+
+
+def to_rf8(model: nn.Module, mode: str = "truncate",
+           skip: Callable[[str], bool] | Iterable[str] | None = None) -> nn.Module:
+    """Convert every linear layer of ``model`` (BERT, GPT-2 ``Conv1D``, LLaMA, ...) to :class:`RF8Linear`
+    in place and return the model: :func:`to_format` with ``rf8`` (``mode="truncate"``) or
+    ``rf8-round`` (``"nearest"``).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown RF8 rounding mode {mode!r}; expected one of {MODES}")
+    return to_format(model, RF8_FORMATS[mode], skip)

@@ -1,0 +1,333 @@
+"""One-pass moment sums for the GG moment-ratio fit (numba, float64 accumulators, parallel chunks).
+
+:func:`ggprior.gg.fit` makes two passes: the mean, then ``sum |x - mu|`` and ``sum (x - mu)^2``
+around it. Here one pass suffices. Values are centred on a provisional centre ``m`` (the mean
+of an evenly strided subsample) and the pass accumulates, per thread, ``sum y`` and
+``sum y^2`` (``y = x - m``, float64) plus a fine histogram of ``y`` over ``[-W, W)``
+(``BINS`` bins of width ``h``, two overflow bins) holding each bin's count and sum of ``y``.
+At the end ``d = mu - m = sum y / n``;
+``sum (x - mu)^2 = sum y^2 - n d^2`` and ``sum |x - mu| = sum |y - d|`` is exact, bin by bin,
+for every bin that lies wholly on one side of ``d`` (``|y - d|`` is linear there). Only the
+bin that holds ``d`` is not: its error is at most ``count x h``; when that bound exceeds
+``EXACT_REL`` of the total (a point mass, e.g. many exact zeros, in that bin) or ``d`` falls
+outside ``[-W, W]``, a second pass computes ``sum |x - mu|`` exactly. The result is the same
+:class:`~ggprior.gg.GGFit` as :func:`ggprior.gg.fit` (gamma equal to about 1e-9 relative).
+
+Inputs: float32, float64, float16 NumPy arrays, bfloat16 given as a ``uint16`` view
+(``dtype="bfloat16"``), torch tensors of any of these, an iterable of such chunks, or a
+safetensors file (:func:`fit_safetensors`, read through a memory map: no copy, no torch).
+Non-finite values raise ``ValueError`` like :func:`ggprior.gg.fit`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import njit
+
+# The one place where this module names the fit's result type (ggprior.gg.fit after the move).
+from .fit import GGFit, MomentAccumulator
+
+BINS = 4096
+BAND_SIGMAS = 0.05  # the band histogram covers m +- BAND_SIGMAS x (the subsample's std)
+EXACT_REL = 1e-9
+SUBSAMPLE = 1 << 16
+MIN_PART = 1 << 20  # values per thread below which fewer threads are used
+
+_F16_LUT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+_BF16_LUT = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+_NO_LUT = np.zeros(0, dtype=np.float32)
+
+
+def default_threads() -> int:
+    """The CPUs this process may use (affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover (not Linux)
+        return max(1, os.cpu_count() or 1)
+
+
+@njit(cache=True, nogil=True)
+def _part(x, lo, hi, m, w, inv_h, cnt, sm):
+    """Sums over ``x[lo:hi]`` (float32 or float64) of y = x - m: (sum y, sum y^2, sum |y|, #y > 0, #y == 0).
+
+    Values with ``0 < |y| < w`` also go to the band histogram (``cnt``, ``sm``). A NaN makes
+    ``sum y`` NaN and an Inf makes ``sum y^2`` Inf, so the sums alone tell whether every value
+    was finite. Two sets of accumulators keep two dependency chains in flight. (Written out,
+    not factored into a helper: a helper taking the arrays costs a reference count per call.)
+    """
+    s1a = s1b = s2a = s2b = saa = sab = 0.0
+    pos = 0
+    zero = 0
+    half = BINS // 2
+    i = lo
+    while i < hi:
+        ya = np.float64(x[i]) - m
+        s1a += ya
+        s2a += ya * ya
+        saa += abs(ya)
+        pos += np.int64(ya > 0.0)
+        zero += np.int64(ya == 0.0)
+        if abs(ya) < w and ya != 0.0:  # the band: 0 on a bin edge, exactly (floor)
+            j = min(max(np.int64(math.floor(ya * inv_h)) + half, 0), BINS - 1)
+            cnt[j] += 1
+            sm[j] += ya
+        if i + 1 < hi:
+            yb = np.float64(x[i + 1]) - m
+            s1b += yb
+            s2b += yb * yb
+            sab += abs(yb)
+            pos += np.int64(yb > 0.0)
+            zero += np.int64(yb == 0.0)
+            if abs(yb) < w and yb != 0.0:
+                j = min(max(np.int64(math.floor(yb * inv_h)) + half, 0), BINS - 1)
+                cnt[j] += 1
+                sm[j] += yb
+        i += 2
+    return s1a + s1b, s2a + s2b, saa + sab, pos, zero
+
+
+@njit(cache=True, nogil=True)
+def _part_lut(x, lut, lo, hi, m, w, inv_h, cnt, sm):
+    """:func:`_part` over 16-bit codes (float16 / bfloat16 bit patterns) decoded through ``lut``."""
+    s1a = s1b = s2a = s2b = saa = sab = 0.0
+    pos = 0
+    zero = 0
+    half = BINS // 2
+    i = lo
+    while i < hi:
+        ya = np.float64(lut[x[i]]) - m
+        s1a += ya
+        s2a += ya * ya
+        saa += abs(ya)
+        pos += np.int64(ya > 0.0)
+        zero += np.int64(ya == 0.0)
+        if abs(ya) < w and ya != 0.0:  # the band: 0 on a bin edge, exactly (floor)
+            j = min(max(np.int64(math.floor(ya * inv_h)) + half, 0), BINS - 1)
+            cnt[j] += 1
+            sm[j] += ya
+        if i + 1 < hi:
+            yb = np.float64(lut[x[i + 1]]) - m
+            s1b += yb
+            s2b += yb * yb
+            sab += abs(yb)
+            pos += np.int64(yb > 0.0)
+            zero += np.int64(yb == 0.0)
+            if abs(yb) < w and yb != 0.0:
+                j = min(max(np.int64(math.floor(yb * inv_h)) + half, 0), BINS - 1)
+                cnt[j] += 1
+                sm[j] += yb
+        i += 2
+    return s1a + s1b, s2a + s2b, saa + sab, pos, zero
+
+
+@njit(cache=True, nogil=True)
+def _abs_part(x, lo, hi, mu):
+    acc = 0.0
+    for i in range(lo, hi):
+        acc += abs(np.float64(x[i]) - mu)
+    return acc
+
+
+@njit(cache=True, nogil=True)
+def _abs_part_lut(x, lut, lo, hi, mu):
+    acc = 0.0
+    for i in range(lo, hi):
+        acc += abs(np.float64(lut[x[i]]) - mu)
+    return acc
+
+
+def _run_parts(fn, n: int, threads: int) -> list:
+    """``fn(lo, hi)`` over ``threads`` contiguous slices of ``range(n)``, in parallel (the kernels release the GIL)."""
+    parts = max(1, min(threads, n // MIN_PART))
+    bounds = [(n * k // parts, n * (k + 1) // parts) for k in range(parts)]
+    if parts == 1:
+        return [fn(*bounds[0])]
+    with ThreadPoolExecutor(parts) as ex:
+        return list(ex.map(lambda b: fn(*b), bounds))
+
+
+def _sums(a, lut, use_lut, m, w, inv_h, threads):
+    """(sum y, sum y^2, sum |y|, #y > 0, #y == 0, band counts, band sums) over one chunk, in parallel."""
+    def one(lo, hi):
+        cnt = np.zeros(BINS, dtype=np.int64)
+        sm = np.zeros(BINS, dtype=np.float64)
+        if use_lut:
+            r = _part_lut(a, lut, lo, hi, m, w, inv_h, cnt, sm)
+        else:
+            r = _part(a, lo, hi, m, w, inv_h, cnt, sm)
+        return (*r, cnt, sm)
+
+    res = _run_parts(one, a.size, threads)
+    return [sum(r[k] for r in res) for k in range(7)]
+
+
+def _abs_dev(a, lut, use_lut, mu, threads):
+    def one(lo, hi):
+        return _abs_part_lut(a, lut, lo, hi, mu) if use_lut else _abs_part(a, lo, hi, mu)
+
+    return sum(_run_parts(one, a.size, threads))
+
+
+def _prepare(chunk, dtype: str | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(flat array for the kernels, lookup table, whether to use it) for one chunk."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(chunk, torch.Tensor):
+        t = chunk.detach().reshape(-1).cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16), _BF16_LUT, True
+        if t.dtype == torch.float16:
+            return t.view(torch.int16).numpy().view(np.uint16), _F16_LUT, True
+        if t.dtype in (torch.float32, torch.float64):
+            return t.numpy(), _NO_LUT, False
+        return t.to(torch.float32).numpy(), _NO_LUT, False
+    a = np.asarray(chunk).reshape(-1)
+    if dtype in ("bfloat16", "bf16"):
+        if a.dtype != np.uint16:
+            raise TypeError(f"bfloat16 input must be a uint16 view, got {a.dtype}")
+        return a, _BF16_LUT, True
+    if a.dtype == np.float16:
+        return a.view(np.uint16), _F16_LUT, True
+    if a.dtype in (np.float32, np.float64):
+        return a, _NO_LUT, False
+    if a.dtype.kind in "iub":
+        return a.astype(np.float32), _NO_LUT, False
+    raise TypeError(f"cannot fit values of dtype {a.dtype}")
+
+
+def _as_float64(a: np.ndarray, lut: np.ndarray, use_lut: bool) -> np.ndarray:
+    return lut[a].astype(np.float64) if use_lut else a.astype(np.float64)
+
+
+def _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm) -> float | None:
+    """``sum |y - d|`` from the one-pass sums, or None when the band cannot resolve it exactly enough.
+
+    ``|y - d| = |y| - d sign(y)`` except for y strictly between 0 and d (y = 0 counts on the
+    side away from d), where ``2 |d - y|`` is added; those values lie in the band histogram, whose
+    bins have 0 on an edge. Bins wholly between 0 and d add exactly; the one bin holding d adds
+    an estimate whose error is at most ``2 count h``, accepted when below ``EXACT_REL`` of the total.
+    """
+    if d == 0.0:
+        return sa
+    if not abs(d) < w - 2 * h:
+        return None
+    neg = n - pos - zero
+    half = BINS // 2
+    k = int(math.floor(d / h)) + half  # the bin holding d
+    lo_k = (k - half) * h
+    if d > 0:
+        base = sa - d * pos + d * (neg + zero)
+        full = 2.0 * (d * float(cnt[half:k].sum()) - float(sm[half:k].sum()))
+        part = float(cnt[k]) * (d - lo_k) ** 2 / h
+    else:
+        base = sa - d * (pos + zero) + d * neg
+        full = 2.0 * (float(sm[k + 1:half].sum()) - d * float(cnt[k + 1:half].sum()))
+        part = float(cnt[k]) * (lo_k + h - d) ** 2 / h
+    est = base + full + part
+    if 2.0 * float(cnt[k]) * h > EXACT_REL * est:
+        return None
+    return est
+
+
+def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads: int | None = None) -> GGFit:
+    """The moment-ratio GG fit of :func:`ggprior.gg.fit` in one pass over the data.
+
+    ``data``: an array or tensor, or an iterable of them (chunks of one tensor, each read once);
+    ``dtype="bfloat16"`` marks ``uint16`` arrays as bfloat16 bit patterns. ``threads``: how many
+    slices of each chunk are summed in parallel (threads running GIL-free numba kernels; default:
+    the CPUs of this process's affinity mask). Raises ``ValueError`` naming ``name`` for empty,
+    constant, NaN or Inf input, like :func:`ggprior.gg.fit`.
+    """
+    chunks = [data] if _is_single(data) else list(data)
+    prepared = [_prepare(c, dtype) for c in chunks]
+    prepared = [p for p in prepared if p[0].size]
+    n = sum(p[0].size for p in prepared)
+    acc = MomentAccumulator(name)
+    if n == 0:
+        return acc.fit()  # raises the same error as gg.fit
+    # the provisional centre m and the band's half-width w, from a strided subsample of the first chunk
+    a0, lut0, use0 = prepared[0]
+    sub = _as_float64(a0[:: max(1, a0.size // SUBSAMPLE)], lut0, use0)
+    sub = sub[np.isfinite(sub)]
+    m = float(sub.mean()) if sub.size else 0.0
+    spread = float(sub.std()) if sub.size else 0.0
+    w = BAND_SIGMAS * spread if spread > 0 else max(abs(m), 1.0) * 1e-3
+    if abs(m) <= 0.25 * w:
+        m = 0.0  # exact zeros (sparse weights) then sit at y = 0, outside the band
+    h = 2 * w / BINS
+    tot = [0.0, 0.0, 0.0, 0, 0, np.zeros(BINS, dtype=np.int64), np.zeros(BINS)]
+    nt = default_threads() if threads is None else max(1, int(threads))
+    for a, lut, use in prepared:
+        r = _sums(a, lut, use, m, w, 1.0 / h, nt)
+        tot = [t + v for t, v in zip(tot, r, strict=True)]
+    s1, s2, sa, pos, zero, cnt, sm = tot
+    if not (math.isfinite(s1) and math.isfinite(s2)):
+        raise ValueError(f"{name}: contains NaN or Inf values; cannot fit a GG")
+    d = s1 / n
+    sq_dev = max(s2 - s1 * d, 0.0)
+    abs_dev = _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm)
+    if abs_dev is None:
+        mu = m + d
+        abs_dev = sum(_abs_dev(a, lut, use, mu, nt) for a, lut, use in prepared)
+    acc.n = acc.n2 = n
+    acc.s1 = (m + d) * n
+    acc.abs_dev = abs_dev
+    acc.sq_dev = sq_dev
+    return acc.fit()
+
+
+def _is_single(data) -> bool:
+    if isinstance(data, np.ndarray):
+        return True
+    try:
+        import torch
+
+        return isinstance(data, torch.Tensor)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+_ST_DTYPES = {"F32": (np.float32, None), "F64": (np.float64, None), "F16": (np.float16, None),
+              "BF16": (np.uint16, "bfloat16")}
+
+
+def safetensors_arrays(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, str | None]]:
+    """Memory-mapped NumPy views (no copy) of a safetensors file's floating tensors: name -> (array, dtype)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        (hlen,) = struct.unpack("<Q", head)
+        size = os.fstat(fh.fileno()).st_size
+        if hlen > size - 8:
+            raise ValueError(f"{path}: header length {hlen} exceeds the file")
+        header = json.loads(fh.read(hlen))
+    base = 8 + hlen
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__" or info.get("dtype") not in _ST_DTYPES:
+            continue
+        np_dtype, tag = _ST_DTYPES[info["dtype"]]
+        b, e = info["data_offsets"]
+        if not 0 <= b <= e <= size - base:
+            raise ValueError(f"{path}: tensor {name!r} lies outside the file")
+        out[name] = (np.asarray(mm[base + b: base + e]).view(np_dtype), tag)
+    return out
+
+
+def fit_safetensors(path: str | os.PathLike, names: Iterable[str] | None = None, *,
+                    threads: int | None = None) -> dict[str, GGFit]:
+    """One-pass moment fits of a safetensors file's floating tensors, streamed from a memory map."""
+    arrays = safetensors_arrays(path)
+    wanted = list(arrays) if names is None else list(names)
+    return {n: fit_moments(arrays[n][0], name=n, dtype=arrays[n][1], threads=threads) for n in wanted}

@@ -1,0 +1,167 @@
+"""GG statistics of a whole model: every tensor, every layer group, and the pooled model.
+
+Rows (plain dicts, ready for :func:`ggprior.io.write_table`):
+- one per floating tensor (``name`` = the tensor's name);
+- one per group, ``group:<g>`` with g in attention, mlp, embeddings, norms, biases, other
+  (by name pattern, see :func:`tensor_group`);
+- ``__linear__``: every weight matrix (>= 2-D) outside embeddings and norms pooled, the
+  row that describes "the weights" of the model;
+- ``__model__``: every floating tensor pooled, the paper's Table 1 "model" row. On models
+  with LayerNorm gains near 1 this pool is far from zero-centred and its gamma is tiny
+  (MiniLM: about 0.08); read it beside ``__linear__``.
+
+Every fit (tensor or pool) is an exact two-pass moment fit over all values (float64 sums,
+streamed; :func:`ggprior.gg.fit.centred_sums` is the one kernel): pass 1 sums each tensor
+(a pool adds its members' sums), pass 2 reads each tensor once more for the centred sums of
+the tensor and of its pools. Goodness of fit of a row is measured on at most
+``max_gof_values`` values (default 65,536): the whole tensor when it is smaller, else a seeded
+uniform subsample (pools sample each member in proportion).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import gg
+from ..io.sources import TensorSource, floating_names, open_source
+
+GROUP_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
+    ("norms", re.compile(r"norm|(^|\.)ln_|(^|\.)ln\d*\.|layer_norm")),
+    ("embeddings", re.compile(r"embed|(^|\.)wte\.|(^|\.)wpe\.|embed_tokens|lm_head")),
+    ("biases", re.compile(r"bias$")),
+    ("attention", re.compile(r"attention|attn|(q|k|v|o)_proj|query|key|value")),
+    ("mlp", re.compile(r"mlp|intermediate|ffn|fc\d|c_fc|gate_proj|up_proj|down_proj|\.output\.dense")),
+)
+GROUPS = tuple(g for g, _ in GROUP_PATTERNS) + ("other",)
+MODEL_ROW = "__model__"
+LINEAR_ROW = "__linear__"
+
+
+def tensor_group(name: str) -> str:
+    """The layer group of a tensor name: the first of GROUPS whose pattern matches."""
+    low = name.lower()
+    for group, pat in GROUP_PATTERNS:
+        if pat.search(low):
+            return group
+    return "other"
+
+
+def is_linear_weight(name: str, ndim: int) -> bool:
+    """A weight matrix of a linear/conv layer (>= 2-D, not an embedding or a norm)."""
+    return ndim >= 2 and tensor_group(name) not in ("embeddings", "norms")
+
+
+@dataclass
+class _Pool:
+    acc: gg.MomentAccumulator
+    members: list[str] = field(default_factory=list)
+    sample: list[torch.Tensor] = field(default_factory=list)
+
+
+def _subsample(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    x = x.reshape(-1)
+    if x.numel() <= k:
+        return x.to(torch.float64)
+    idx = torch.randint(0, x.numel(), (k,), generator=gen)
+    return x[idx.to(x.device)].to(torch.float64)
+
+
+def _row(name: str, fit: gg.GGFit, values: torch.Tensor | None, extra: Mapping) -> dict:
+    row = {"name": name, **extra, "numel": fit.n, "mu": fit.mu, "beta": fit.beta, "gamma": fit.gamma,
+           "std": fit.std, "gamma_at_bound": fit.at_bound, "fit_method": fit.method,
+           "entropy_bits": fit.entropy_bits}
+    if values is not None and values.numel() > 1 and float(values.std()) > 0:
+        row.update(gg.goodness_of_fit(values, fit).to_dict())
+    return row
+
+
+def fit_model(
+    source,
+    *,
+    mle: bool = False,
+    gof: bool = True,
+    max_gof_values: int = 1 << 16,
+    names: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    pool_samples: dict[str, torch.Tensor] | None = None,
+) -> list[dict]:
+    """Fit every floating tensor, group and the pooled model of ``source``; return the rows.
+
+    ``source`` is anything :func:`ggprior.io.open_source` accepts. ``mle`` refines each
+    tensor's moment fit by maximum likelihood (pools stay moment fits). Tensors that are
+    constant (a freshly initialised LayerNorm) or too small get a row without a fit.
+    ``pool_samples``, if given, is filled with each pooled row's goodness-of-fit sample
+    (the plots use it). Every tensor is read in chunks, so files larger than memory work.
+    """
+    src: TensorSource = open_source(source)
+    names = floating_names(src) if names is None else names
+    if not names:
+        raise ValueError(f"{src.label}: no floating-point tensors to fit")
+    if gof and max_gof_values < 1:
+        raise ValueError(f"max_gof_values must be >= 1, got {max_gof_values}")
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(src.numel(n) for n in names)
+    pools: dict[str, _Pool] = {MODEL_ROW: _Pool(gg.MomentAccumulator(f"{src.label} (model)"))}
+    rows: list[dict] = []
+    skipped: list[dict] = []
+
+    # Pass 1: counts and sums of every tensor; a pool adds its members' sums.
+    accs: dict[str, gg.MomentAccumulator] = {}
+    member_of: dict[str, list[_Pool]] = {}
+    for name in tqdm(names, desc="fit pass 1", unit="tensor", disable=not progress):
+        members = [MODEL_ROW, f"group:{tensor_group(name)}"]
+        if is_linear_weight(name, len(src.shape(name))):
+            members.append(LINEAR_ROW)
+        acc = accs[name] = gg.MomentAccumulator(name)
+        for c in src.iter_chunks(name):
+            acc.add(c)
+        member_of[name] = [pools.setdefault(m, _Pool(gg.MomentAccumulator(f"{src.label} ({m})"))) for m in members]
+        for pool in member_of[name]:
+            pool.acc.add_sums(acc.n, acc.s1)
+            pool.members.append(name)
+
+    # Pass 2: centred moments of every tensor and pool around its own mean, and the GOF samples.
+    for name in tqdm(names, desc="fit pass 2", unit="tensor", disable=not progress):
+        acc, sample = accs[name], []
+        for c in src.iter_chunks(name):
+            c = c.reshape(-1).to(torch.float64)
+            for a in (acc, *(p.acc for p in member_of[name])):
+                a.add_centered(c)
+            if gof and c.numel():
+                sample.append(_subsample(c, max(1, max_gof_values * c.numel() // acc.n), gen))
+                for pool in member_of[name]:
+                    pool.sample.append(_subsample(c, max(1, max_gof_values * c.numel() // pool.acc.n), gen))
+        extra = {"group": tensor_group(name), "shape": "x".join(map(str, src.shape(name)))}
+        try:
+            fit = acc.fit()
+        except ValueError as e:
+            skipped.append({"name": name, **extra, "numel": src.numel(name), "note": str(e)})
+            continue
+        if mle:
+            fit = gg.refine_mle(lambda name=name: src.iter_chunks(name), fit, name=name)
+        rows.append(_row(name, fit, torch.cat(sample) if sample else None, extra))
+    pool_rows = []
+    for key in [MODEL_ROW, LINEAR_ROW, *(f"group:{g}" for g in GROUPS)]:
+        if key not in pools:
+            continue
+        pool = pools[key]
+        extra = {"group": key, "shape": f"{len(pool.members)} tensors"}
+        try:
+            fit = pool.acc.fit()
+        except ValueError as e:
+            pool_rows.append({"name": key, **extra, "numel": pool.acc.n, "note": str(e)})
+            continue
+        values = torch.cat(pool.sample) if gof else None
+        if pool_samples is not None and values is not None:
+            pool_samples[key] = values
+        pool_rows.append(_row(key, fit, values, extra))
+    assert sum(r["numel"] for r in rows) + sum(r["numel"] for r in skipped) == total
+    if not rows and all("note" in r for r in pool_rows):
+        raise ValueError(f"{src.label}: nothing to fit ({skipped[0]['note'] if skipped else pool_rows[0]['note']})")
+    return pool_rows + rows + skipped
