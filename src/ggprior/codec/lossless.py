@@ -57,7 +57,7 @@ from . import (
 DTYPES = {"bfloat16": (1, 16, 8, 7), "float16": (2, 16, 5, 10), "float32": (3, 32, 8, 23)}
 ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 KMAX = {"bfloat16": 3, "float16": 4, "float32": 3}
-PROB_BITS = rans.MAX_PROB_BITS  # 15
+PROB_BITS = rans.MAX_PROB_BITS
 MAGIC = b"GGL1"
 HEAD = struct.Struct("<4sBBBBQI")
 GG_MODEL = struct.Struct("<fffHH")
@@ -393,17 +393,4 @@ def decode_tensor(data: bytes | memoryview, dtype_name: str, n: int) -> np.ndarr
         _merge(sym, bits.padded(mv[pos:]), out, m, k, w - 1)
     if zlib.crc32(out) != info["crc32"]:
         raise LosslessError("lossless: CRC-32 mismatch (damaged stream or a model computed differently)")
-    return out
-
-
-def size_report(array, dtype_name: str) -> dict:
-    """Sizes of one tensor's lossless stream with each model (bits per weight), the chosen one and k."""
-    a = as_bits(array, dtype_name)
-    out = {}
-    for mdl in ("hist", "gg"):
-        s = encode_tensor(a, dtype_name, model=mdl)
-        out[mdl] = 8 * len(s) / max(1, a.size)
-        out[f"{mdl}_model"] = stream_info(s)["model"]
-    info = stream_info(encode_tensor(a, dtype_name))
-    out["k"] = info["k"]
     return out
