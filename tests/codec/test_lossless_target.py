@@ -98,6 +98,15 @@ def test_target_bits_meets_the_size_within_one_percent(tmp_path, target):
     assert hw["tensors"][4]["step"] < h["tensors"][4]["step"]
 
 
+def test_target_bits_with_constant_tensors(tmp_path):
+    """Constant tensors (no GG to fit) get an exact step outside the allocation; the total still meets the target."""
+    sd = {**_synthetic(), "zeros": torch.zeros(16, 16), "halves": torch.full((300,), 0.5).bfloat16()}
+    h = save_compressed(sd, tmp_path / "c.ggz", target_bits=3.0)
+    assert abs(_quantized_bits(h) / 3.0 - 1) < 0.01
+    back = load_compressed(tmp_path / "c.ggz")
+    assert torch.equal(back["zeros"], sd["zeros"]) and torch.equal(back["halves"], sd["halves"])
+
+
 def test_bad_targets_and_combinations_write_nothing(tmp_path):
     sd, p = _synthetic(), tmp_path / "x.ggz"
     for kwargs, err, msg in [

@@ -61,7 +61,7 @@ def target_steps(
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise alloc.AllocationError(f"sensitivity weights for tensors that are not quantized: {unknown[:5]}")
-    models = []
+    models, fixed = [], {}
     for k in names:
         t = tensors[k]
         if not bool(torch.isfinite(t).all()):
@@ -69,27 +69,54 @@ def target_steps(
         w = weights.get(k, 1.0)
         if np.ndim(w) != 0 or not math.isfinite(float(w)) or float(w) < 0:
             raise alloc.AllocationError(f"{k}: sensitivity weight must be one finite number >= 0, got {w!r}")
-        models.append(alloc.tensor_model(k, t, float(w)))
-    alloc.check_target(models, target_bits)
-    n = sum(tm.n for tm in models)
-    raw = sum(tm.n * tm.dtype_bits for tm in models) / n
-    aim, best = float(target_bits), None
+        lo, hi = torch.aminmax(t.detach().reshape(-1))
+        if float(lo) == float(hi):  # constant: no GG to fit; a step giving q in {-1, 0, 1} stores it exactly
+            fixed[k] = quant.step_for_bits(t, 2, name=k)
+            continue
+        try:
+            models.append(alloc.tensor_model(k, t, float(w)))
+        except ValueError as err:
+            raise alloc.AllocationError(f"{k}: no GG fit for the allocation ({err})") from err
+
+    def size(steps: dict[str, float]) -> float:
+        return sum(stored_bits(tensors[k], s, coder=coder, gg_fit=gg_fit, name=k, chunk_values=chunk_values)
+                   for k, s in steps.items())
+
+    n = sum(math.prod(tensors[k].shape) for k in names)
+    raw_all = sum(math.prod(tensors[k].shape) * torch.finfo(tensors[k].dtype).bits for k in names) / n
+    if target_bits >= raw_all:
+        raise alloc.AllocationError(f"target of {target_bits:g} bits/weight is not below the raw size ({raw_all:g} "
+                                    "bits/weight); store losslessly instead")
+    fixed_bits = size(fixed)
+    side = (fixed_bits + alloc.SIDE_BITS * len(models)) / n
+    if target_bits <= side:
+        raise alloc.AllocationError(f"target of {target_bits:g} bits/weight is not above the side information "
+                                    f"({side:.4f} bits/weight for {len(names)} tensors)")
+    if not models:
+        return _met(fixed, fixed_bits / n, target_bits, names, n)
+    n_rest = sum(tm.n for tm in models)
+    aim = (target_bits * n - fixed_bits) / n_rest
+    alloc.check_target(models, aim)
+    raw = sum(tm.n * tm.dtype_bits for tm in models) / n_rest
+    best = None
     for i in range(ROUNDS):
         a = alloc.allocate(models, aim, tensors=tensors, calibrate=2 if i == 0 else 0)
-        steps = {k: quant.check_step(float(a.steps[k]), k) for k in names}
-        got = sum(stored_bits(tensors[k], steps[k], coder=coder, gg_fit=gg_fit, name=k, chunk_values=chunk_values)
-                  for k in names) / n
+        steps = {**fixed, **{tm.name: quant.check_step(float(a.steps[tm.name]), tm.name) for tm in models}}
+        got = (fixed_bits + size({tm.name: steps[tm.name] for tm in models})) / n
         if best is None or abs(got - target_bits) < abs(best[1] - target_bits):
             best = (steps, got)
         if abs(got / target_bits - 1.0) <= TOLERANCE:
             break
-        nxt = aim * target_bits / got
+        nxt = aim * (target_bits * n - fixed_bits) / (got * n - fixed_bits)
         aim = min(max(nxt, 0.5 * aim), 2.0 * aim, raw * 0.999)
         try:
             alloc.check_target(models, aim)
         except alloc.AllocationError:
             break
-    steps, got = best
+    return _met(*best, target_bits, names, n)
+
+
+def _met(steps: dict[str, float], got: float, target_bits: float, names: list[str], n: int) -> tuple[dict, dict]:
     if abs(got / target_bits - 1.0) > 0.01:
         raise alloc.AllocationError(
             f"target of {target_bits:g} bits/weight cannot be met: the closest allocation stores {got:.4f} bits/weight "
