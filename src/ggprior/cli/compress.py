@@ -11,8 +11,9 @@ from .app import OVERWRITE_HELP, app, check_output, console, fail, need, renamed
 from .choices import CODERS, INCLUDE
 
 STEP_HELP = "quantization step for every tensor"
-BITS_HELP = "per-tensor step of a symmetric fixed-length quantizer of this many bits (default 10)"
-REL_HELP = "per-tensor step giving this relative RMS error"
+BITS_HELP = "per-tensor step of a symmetric fixed-length quantizer of this many bits (the paper's grid: 10)"
+REL_HELP = ("per-tensor step giving this relative RMS error (default 0.005 when no rule is given: MiniLM embedding "
+            "cosine 0.9997, SmolLM2 perplexity +0.13%, about 7.9 bits/weight; docs/results/checkpoints)")
 SELECT_HELP = "quantize 'all' floating tensors, or only 'matrices' (norms and biases kept exact)"
 JOBS_HELP = "threads coding chunks (default: every core)"
 LOSSLESS_HELP = "store every bf16/fp16/fp32 tensor bit-exactly (NaN and Inf included); no quantization"

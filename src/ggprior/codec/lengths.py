@@ -118,7 +118,7 @@ def measure(
 
     Exactly one of ``step`` (one step for every tensor), ``bits`` (per-tensor step of a
     ``bits``-bit symmetric FL quantizer) or ``rel_error`` (per-tensor step with that
-    relative RMS error) may be given; none means ``bits=10``. ``include`` is ``"all"``
+    relative RMS error) may be given; none means ``rel_error=DEFAULT_REL_ERROR`` (0.005). ``include`` is ``"all"``
     (every floating tensor) or ``"matrices"`` (norms and biases kept exact). ``gg_fit`` is
     ``"moment"`` (the paper's estimator, on the histogram) or ``"ml"`` (binned maximum
     likelihood: minimises the GG code length itself; about 0.01% smaller on MiniLM, ~100x slower).

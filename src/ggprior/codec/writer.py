@@ -197,7 +197,7 @@ def save_compressed(
     a folder's small non-weight files (config, tokenizer, ...) or a model's config are stored too
     (``files`` overrides them). Tensors sharing memory (tied weights) are stored once. Exactly one
     of ``step``, ``bits`` (per-tensor symmetric FL step) or ``rel_error`` selects the step; none
-    means ``bits=10``. ``include`` picks the quantized floating tensors (``"all"`` or
+    means ``rel_error=DEFAULT_REL_ERROR`` (0.005). ``include`` picks the quantized floating tensors (``"all"`` or
     ``"matrices"``); other tensors are stored raw. ``coder`` is one of ``fl, eg, huffman, ans,
     ans-hist``. ``jobs`` threads code the chunks (default: every core). Returns the header (with
     ``file_bytes``).
