@@ -1,6 +1,6 @@
 """DeepShape speed in seconds per 100M parameters, against baselines measured in the same run.
 
-Times :func:`ggprior.deepshape.reshape_values` (sort-based, vectorised) on synthetic GG weights
+Times :func:`ggprior.deepshape.reshape.reshape_values_reference` (sort-based, vectorised: ``deepshape``) on synthetic GG weights
 (gamma 1.2, beta 0.05, float32) and compares it with, on the same values:
 
 - ``sort``: one ``torch.sort`` of the tensor (a floor for any rank-preserving remap),
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ggprior import gg
-from ggprior.deepshape import BIN_WIDTH, deepshape, reshape_values
+from ggprior.deepshape import BIN_WIDTH, deepshape, reshape_values_reference
 from ggprior.deepshape.remap import reshape_values_fast
 
 PER = 1e8
@@ -91,7 +91,7 @@ def main() -> None:
     reshape_values_fast(x[:20000], 1.1, 0.7)  # JIT (cached on disk)
     reshape_values_fast(x[:20000], 1.1, 0.7, exact=False)
     fns = {
-        "deepshape": lambda: reshape_values(x, 1.1, 0.7),
+        "deepshape": lambda: reshape_values_reference(x, 1.1, 0.7),
         "fast": lambda: reshape_values_fast(x, 1.1, 0.7),
         "fast_one_pass_fit": lambda: reshape_values_fast(x, 1.1, 0.7, exact=False),
         "sort": lambda: torch.sort(x),
@@ -103,7 +103,7 @@ def main() -> None:
     times = {k: w for k, (w, _) in measured.items()}
     cpu = {k: c for k, (_, c) in measured.items()}
     per100m = {k: v * PER / args.numel for k, v in times.items()}
-    ref = reshape_values(x, 1.1, 0.7)[0]
+    ref = reshape_values_reference(x, 1.1, 0.7)[0]
     moved = {k: int((reshape_values_fast(x, 1.1, 0.7, exact=(k == "fast"))[0] != ref).sum())
              for k in ("fast", "fast_one_pass_fit")}
     out = {

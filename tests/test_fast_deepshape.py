@@ -1,4 +1,5 @@
-"""reshape_values_fast (radix sort + fused remap) against the reference reshape_values."""
+"""reshape_values_fast (radix sort + fused remap; the library's reshape_values) against the sort-based
+reshape_values_reference, the oracle."""
 
 import math
 
@@ -8,8 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ggprior import gg
-from ggprior.deepshape import BIN_WIDTH, reshape_values
+from ggprior import deepshape, gg
+from ggprior.deepshape import BIN_WIDTH, reshape_values_reference
 from ggprior.deepshape.remap import reshape_values_fast, stable_sort
 
 
@@ -65,7 +66,7 @@ def _call(fn, x, kg, kb, opts, **extra):
 @given(gg_weights(), st.sampled_from([(1.1, 0.7), (1.0, 1.0), (0.8, 1.2), (1.5, 0.9)]), st.data())
 def test_bit_identical_to_reference(x, k, data):
     opts = _options(data.draw)
-    ref, ref_err = _call(reshape_values, x, *k, opts)
+    ref, ref_err = _call(reshape_values_reference, x, *k, opts)
     fast, fast_err = _call(reshape_values_fast, x, *k, opts)
     assert ref_err == fast_err
     if ref is None:
@@ -79,7 +80,7 @@ def test_bit_identical_to_reference(x, k, data):
 @given(gg_weights(), st.data())
 def test_one_pass_core_fit_within_one_bin(x, data):
     opts = _options(data.draw)
-    ref, ref_err = _call(reshape_values, x, 1.1, 0.7, opts)
+    ref, ref_err = _call(reshape_values_reference, x, 1.1, 0.7, opts)
     fast, fast_err = _call(reshape_values_fast, x, 1.1, 0.7, opts, exact=False)
     if ref is None or fast is None:
         return  # a limit case (target too narrow) may fall either side of the check
@@ -109,7 +110,7 @@ def test_stable_sort_equals_torch(n, seed, kind):
 def test_errors_match_reference():
     for bad in (torch.tensor([1.0]), torch.tensor([1.0, float("nan")]), torch.arange(10)):
         with pytest.raises(ValueError) as a:
-            reshape_values(bad, 1.1, 0.7, name="t")
+            reshape_values_reference(bad, 1.1, 0.7, name="t")
         with pytest.raises(ValueError) as b:
             reshape_values_fast(bad, 1.1, 0.7, name="t")
         assert str(a.value) == str(b.value)
@@ -120,8 +121,38 @@ def test_errors_match_reference():
 
 def test_large_tensor_identical():
     x = gg.sample((1_000_000,), 0.0, 0.05, 1.2, generator=torch.Generator().manual_seed(5))
-    a, ra = reshape_values(x, 1.1, 0.7)
+    a, ra = reshape_values_reference(x, 1.1, 0.7)
     b, rb = reshape_values_fast(x, 1.1, 0.7)
     assert torch.equal(a, b)
     _same_report(rb, ra)
     assert np.isfinite(rb.rel_change)
+
+
+def test_library_calls_the_fast_path():
+    """ggprior.deepshape.reshape_values and the whole-model path run the fast remap."""
+    from ggprior.deepshape import model
+
+    assert deepshape.reshape_values is reshape_values_fast
+    assert model.reshape_values is reshape_values_fast
+    assert deepshape.reshape_values_reference is not reshape_values_fast
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_identical(dtype):
+    x = gg.sample((64, 300), 0.0, 0.05, 1.2, generator=torch.Generator().manual_seed(7)).to(dtype)
+    for opts in ({}, {"snap": True}, {"tails": "keep"}):
+        a, ra = reshape_values_reference(x, 1.1, 0.7, **opts)
+        b, rb = reshape_values_fast(x, 1.1, 0.7, **opts)
+        assert b.dtype == dtype and torch.equal(a, b)
+        _same_report(rb, ra)
+        assert rb.bin_width == ra.bin_width
+
+
+def test_fine_grid_refused_like_reference():
+    x = gg.sample((20_000,), 0.0, 0.05, 1.2, generator=torch.Generator().manual_seed(3))
+    for w in (1e-12, 1e-9):
+        with pytest.raises(ValueError) as a:
+            reshape_values_reference(x, 1.1, 0.7, bin_width=w, name="w")
+        with pytest.raises(ValueError) as b:
+            reshape_values_fast(x, 1.1, 0.7, bin_width=w, name="w")
+        assert str(a.value) == str(b.value)

@@ -1,6 +1,7 @@
 """DeepShape (paper Algorithm 1): reshape trained weights toward a target GG.
 
-:mod:`.reshape` reshapes one group of values, :mod:`.model` a whole model (selection, pooling,
+:mod:`.remap` reshapes one group of values (:func:`reshape_values`; the sort-based
+reference it is tested against, :func:`reshape_values_reference`, is in :mod:`.reshape`), :mod:`.model` a whole model (selection, pooling,
 the finer-grid fallback), :mod:`.finetune` alternates reshaping and fine-tuning.
 
 The package is callable: ``ggprior.deepshape(source, k_gamma, k_beta)`` is
@@ -11,6 +12,7 @@ import sys as _sys
 import types as _types
 
 from .model import DeepShapeResult, deepshape, deepshape_, reshape_model_, select_names
+from .remap import reshape_values, reshape_values_fast
 from .reshape import (
     BIN_WIDTH,
     MIN_BETA_BINS,
@@ -23,7 +25,7 @@ from .reshape import (
     cumulative_counts,
     grid_entropy,
     largest_remainder,
-    reshape_values,
+    reshape_values_reference,
 )
 
 

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..io.sources import TensorSource, floating_names, open_source
 from ..stats.tensors import is_linear_weight
-from .reshape import BIN_WIDTH, MIN_NUMEL, SELECT, ShapeReport, reshape_values
+from .remap import reshape_values
+from .reshape import BIN_WIDTH, MIN_NUMEL, SELECT, ShapeReport
 
 
 def select_names(src: TensorSource, select: str = "matrices", min_numel: int = MIN_NUMEL) -> list[str]:

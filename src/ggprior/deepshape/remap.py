@@ -1,7 +1,8 @@
-"""DeepShape's exact-count remap without a comparison sort: :func:`reshape_values_fast`.
+"""DeepShape's exact-count remap without a comparison sort: :func:`reshape_values_fast`, which is
+the library's :func:`ggprior.deepshape.reshape_values` (whole models go through it too).
 
-Same signature, output and report as :func:`ggprior.deepshape.reshape_values` (the reference,
-tested against). Its cost was a stable ``torch.sort`` (values and permutation) and a dozen
+Same signature, output and report as :func:`ggprior.deepshape.reshape.reshape_values_reference`
+(the sort-based reference, tested and benchmarked against). Its cost was a stable ``torch.sort`` (values and permutation) and a dozen
 passes of float64 temporaries. Here:
 
 * the stable sort is a least-significant-digit radix sort (three counting-sort passes of
@@ -33,6 +34,7 @@ from .. import gg
 from ..gg.moments import fit_moments
 from .reshape import (
     BIN_WIDTH,
+    MAX_BINS,
     MIN_BETA_BINS,
     N_MIN,
     ROUNDINGS,
@@ -168,7 +170,10 @@ def reshape_values_fast(
     name: str = "tensor",
     exact: bool = True,
 ) -> tuple[torch.Tensor, ShapeReport]:
-    """:func:`ggprior.deepshape.reshape_values` with a radix sort and a fused remap (same output).
+    """DeepShape (Algorithm 1) on one group of values, with a radix sort and a fused remap.
+
+    Same arguments, output (bit for bit) and report as
+    :func:`~ggprior.deepshape.reshape.reshape_values_reference`; see it for the method.
 
     ``exact=False`` also fits the core in one pass (:func:`~ggprior.gg.moments.fit_moments`,
     about 1e-11 from ``gg.fit``): faster, and the output then equals the reference's except
@@ -211,8 +216,14 @@ def reshape_values_fast(
     else:
         q = torch.tensor([max(r0, 0.5) / n, 1.0 - max(n - r1, 0.5) / n], dtype=torch.float64)
         lo_t, hi_t = (float(t) for t in gg.ppf(q, mu, beta_t, gamma_t))
+        if not (abs(lo_t) + abs(hi_t)) / w < MAX_BINS:
+            raise ValueError(f"{name}: the target range [{lo_t:.4g}, {hi_t:.4g}] needs more than {MAX_BINS:,} bins "
+                             f"of width {w:.4g}; use a larger bin width")
         a2, b2 = round(lo_t / w + 0.5), round(hi_t / w + 0.5) - 1
     lo_edge, hi_edge = (a2 - 0.5) * w, (b2 + 0.5) * w
+    if b2 - a2 >= MAX_BINS:
+        raise ValueError(f"{name}: the remapped range needs {b2 - a2 + 1:,} bins of width {w:.4g} "
+                         f"(at most {MAX_BINS:,}); use a larger bin width")
     if b2 < a2 or not lo_edge < mu < hi_edge:
         raise ValueError(
             f"{name}: target beta {beta_t:.4g} is too narrow for bin width {w:.4g}; use a smaller bin width"
@@ -230,17 +241,19 @@ def reshape_values_fast(
     if snap:
         low, high = torch.round(low / w) * w, torch.round(high / w) * w
 
-    out = np.empty(n, dtype=flat.numpy().dtype)
+    # float16 / bfloat16 (no NumPy or numba type): values in float64, rounded once to the dtype, as the reference
+    store = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float64
+    out = np.empty(n, dtype=torch.empty(0, dtype=store).numpy().dtype)
     out_sorted = np.empty(n, dtype=out.dtype)
     order_np = order.numpy()
-    _scatter(low.to(flat.dtype).numpy(), order_np, 0, out, out_sorted)
+    _scatter(low.to(store).numpy(), order_np, 0, out, out_sorted)
     _fill_scatter(counts.numpy(), a2, w, snap, order_np, r0, out, out_sorted)
-    _scatter(high.to(flat.dtype).numpy(), order_np, r1, out, out_sorted)
+    _scatter(high.to(store).numpy(), order_np, r1, out, out_sorted)
 
-    work = torch.from_numpy(out_sorted).to(v.dtype)  # sorted too: the map is monotone
+    work = torch.from_numpy(out_sorted).to(flat.dtype).to(v.dtype)  # sorted too: the map is monotone
     trimmed = start > 0 or end < n
     after = fit_moments(work, name=name)
-    norm, diff = _norms(sv.numpy(), out_sorted)
+    norm, diff = _norms(sv.numpy(), work.numpy())
     report = ShapeReport(
         name=name, numel=n, n_core=end - start, n_low=start, n_high=n - end, n_min=nmin, cut_width=cut_width,
         cut=((a - 0.5) * w, (b + 0.5) * w), new_cut=(lo_edge, hi_edge), core_fit=core_fit,
@@ -249,5 +262,10 @@ def reshape_values_fast(
         entropy_before=_sorted_entropy(lev),
         entropy_after=_sorted_entropy(torch.round(work / w).to(torch.int64)),
         rel_change=float(diff / norm) if norm > 0 else 0.0,
+        bin_width=w,
     )
-    return torch.from_numpy(out).reshape(x.shape).to(device), report
+    return torch.from_numpy(out).to(flat.dtype).reshape(x.shape).to(device), report
+
+
+# The library's DeepShape on one group of values (``ggprior.deepshape.reshape_values``).
+reshape_values = reshape_values_fast

@@ -45,8 +45,11 @@ The tails (``tails=``):
 * ``"reshape"``: the fit still uses the trimmed core, but every value is remapped (the
   tails too), so the result is a discretised sample of the target and outliers are lost.
 
-Runs on the tensors' device; the remap is two sorts plus vectorised arithmetic. Whole models
-(selection, pooling, the finer-grid fallback): :mod:`ggprior.deepshape.model`.
+This module holds the sort-based implementation, :func:`reshape_values_reference` (runs on the
+tensors' device; two sorts plus vectorised arithmetic): the oracle that the library's
+:func:`ggprior.deepshape.reshape_values` (:func:`ggprior.deepshape.remap.reshape_values_fast`,
+radix sort and a fused numba remap, bit for bit the same output) is tested and benchmarked
+against. Whole models (selection, pooling, the finer-grid fallback): :mod:`ggprior.deepshape.model`.
 """
 
 from __future__ import annotations
@@ -250,7 +253,7 @@ def _fill(counts: torch.Tensor, first_bin: int, w: float, snap: bool) -> torch.T
     ) * k
 
 
-def reshape_values(
+def reshape_values_reference(
     x: torch.Tensor,
     k_gamma: float,
     k_beta: float,
@@ -264,6 +267,8 @@ def reshape_values(
 ) -> tuple[torch.Tensor, ShapeReport]:
     """Reshape the values of ``x`` toward GG(mu, k_gamma * gamma, k_beta * beta) (Algorithm 1).
 
+    The reference implementation (``torch.sort``, two-pass :func:`ggprior.gg.fit`), kept as the
+    tests' oracle; the library calls :func:`ggprior.deepshape.reshape_values`, the same output.
     Returns a new tensor of ``x``'s shape, dtype and device, and a :class:`ShapeReport`.
     ``rounding`` turns target probabilities into counts: ``"cumulative"`` (default, see
     :func:`cumulative_counts`) or ``"largest_remainder"``.
