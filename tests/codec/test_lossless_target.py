@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import ggprior.gg
@@ -138,6 +138,10 @@ def test_cli_lossless_and_target_bits(tmp_path):
     assert "6 lossless tensors" in _text(r)
     back = load_compressed(tmp_path / "l.ggz")
     assert all(torch.equal(_bits(back[k]), _bits(t)) for k, t in sd.items())
+    r = run(app, ["decompress", str(tmp_path / "l.ggz"), str(tmp_path / "back.safetensors")])
+    assert r.exit_code == 0, r.output
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert all(back[k].dtype == t.dtype and torch.equal(_bits(back[k]), _bits(t)) for k, t in sd.items())
     sd.pop("h")
     save_file(sd, str(src))
     r = run(app, ["compress", str(src), str(tmp_path / "t.ggz"), "--target-bits", "3"])
