@@ -69,3 +69,40 @@ def test_configure_threads_override(monkeypatch):
             threads.configure_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_cli_threads_option_and_env(monkeypatch):
+    """The root callback configures threads once at CLI start: --threads wins over GGPRIOR_THREADS."""
+    from typer.testing import CliRunner
+
+    from ggprior.cli import app
+
+    before = torch.get_num_threads()
+    runner = CliRunner()
+    try:
+        monkeypatch.delenv("GGPRIOR_THREADS", raising=False)
+        torch.set_num_threads(2)
+        res = runner.invoke(app, ["--threads", "1", "fit"])  # no SOURCE: fails after the callback ran
+        assert "missing SOURCE" in res.output
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("GGPRIOR_THREADS", "2")
+        runner.invoke(app, ["fit"])
+        assert torch.get_num_threads() == 2
+        runner.invoke(app, ["--threads", "1", "fit"])
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("GGPRIOR_THREADS", "zero")
+        res = runner.invoke(app, ["fit"])
+        assert res.exit_code == 1 and "GGPRIOR_THREADS" in res.output
+        assert runner.invoke(app, ["--threads", "0", "fit"]).exit_code == 2  # typer's own range check
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_library_import_leaves_threads_alone():
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1); import ggprior, ggprior.stats, ggprior.deepshape, ggprior.cli; "
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"

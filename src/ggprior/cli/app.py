@@ -9,6 +9,7 @@ not rich markup.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,9 +28,23 @@ app = typer.Typer(
 console = Console(stderr=True, markup=False)
 
 
+THREADS_HELP = ("intra-op threads for torch and numba (default: GGPRIOR_THREADS, else the CPUs this process may "
+                "use that are idle now)")
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    threads: int = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+) -> None:
     """Generalized-Gaussian priors for language models: fit, init, train, reshape, compress, RF8."""
+    if "--help" in sys.argv[1:]:
+        return  # a subcommand's --help: no torch import, no idle-CPU measurement
+    from ..threads import configure_threads  # imports torch: only once a command runs
+
+    try:
+        configure_threads(threads)
+    except ValueError as e:  # GGPRIOR_THREADS not a positive integer
+        fail(f"GGPRIOR_THREADS: {e}")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
