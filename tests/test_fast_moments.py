@@ -137,3 +137,66 @@ def test_safetensors_damaged(tmp_path):
     p.write_bytes(len(hdr).to_bytes(8, "little") + hdr + b"\0" * 8)
     with pytest.raises(ValueError, match="outside the file"):
         moments.fit_safetensors(p)
+
+
+@given(gg_tensors(), st.floats(-2.0, 2.0))
+def test_centred_sums_kernel_equals_torch_reference(x, shift):
+    """The numba kernel behind gg.fit.centred_sums against the torch code it replaced."""
+    from ggprior.gg.fit import centred_sums, centred_sums_reference
+
+    centre = float(x.double().mean()) + shift * float(x.double().std())
+    a, q = centred_sums(x, centre)
+    ra, rq = centred_sums_reference(x, centre)
+    assert math.isclose(a, ra, rel_tol=1e-9) and math.isclose(q, rq, rel_tol=1e-9)
+    for threads in (1, 3):
+        assert moments.centred_sums(x, centre, threads=threads) == pytest.approx((ra, rq), rel=1e-9)
+    y = x.clone()
+    y[0] = float("nan")
+    assert not math.isfinite(centred_sums(y, centre)[0])
+
+
+def test_callable_chunks_stream_like_a_list():
+    x = gg.sample((300_000,), 0.01, 0.05, 0.7, generator=torch.Generator().manual_seed(4))
+    pieces = list(x.split(70_000))
+    calls = []
+
+    def chunks():
+        calls.append(1)
+        return iter(pieces)
+
+    _close(moments.fit_moments(chunks), moments.fit_moments(pieces), rel=1e-12)
+    assert len(calls) in (1, 2)  # read again only for the exact second pass
+    a, b = torch.randn(10_000), torch.randn(200_000) + 50.0  # a mean far from the first chunk's: second pass
+    calls.clear()
+    _close(moments.fit_moments(lambda: (calls.append(1), iter([a, b]))[1]), gg.fit(torch.cat([a, b])), rel=1e-9)
+    assert len(calls) == 2
+
+
+def test_fit_model_equals_the_old_two_pass_path(monkeypatch):
+    """stats.fit_model (one-pass tensor fits, numba pool sums) against the same rows computed with
+    gg.fit per tensor and the torch centred sums: every number to 1e-6 (gamma to 1e-9)."""
+    import sys
+
+    from ggprior.stats import fit_model, tensors
+
+    g = torch.Generator().manual_seed(11)
+    state = {
+        "layer.0.attention.query.weight": gg.sample((128, 96), 0, 0.05, 1.2, generator=g),
+        "layer.0.attention.query.bias": gg.sample((96,), 0.01, 0.02, 1.0, generator=g).bfloat16(),
+        "layer.0.mlp.fc1.weight": gg.sample((300, 96), 0, 0.05, 0.8, generator=g).half(),
+        "layer.0.norm.weight": torch.ones(96),  # constant: a row with a note, its values pooled
+        "layer.0.norm.bias": torch.zeros(0),  # empty
+        "embed.weight": gg.sample((500, 96), 0, 0.05, 1.6, generator=g).double(),
+    }
+    new = fit_model(state, progress=False, max_gof_values=4096)
+    monkeypatch.setattr(tensors, "fit_moments", lambda data, name: gg.fit(data, name=name))
+    monkeypatch.setattr(sys.modules["ggprior.gg.fit"], "centred_sums", sys.modules["ggprior.gg.fit"].centred_sums_reference)
+    old = fit_model(state, progress=False, max_gof_values=4096)
+    assert [r["name"] for r in new] == [r["name"] for r in old]
+    for a, b in zip(new, old, strict=True):
+        assert a.keys() == b.keys(), a["name"]
+        for k, v in a.items():
+            if isinstance(v, float):
+                assert math.isclose(v, b[k], rel_tol=1e-9 if k == "gamma" else 1e-6, abs_tol=1e-12), (a["name"], k)
+            else:
+                assert v == b[k], (a["name"], k)

@@ -75,9 +75,23 @@ def _check_finite(total: float, name: str) -> float:
 def centred_sums(x: torch.Tensor, centre: float) -> tuple[float, float]:
     """``sum |x - centre|`` and ``sum (x - centre)^2`` of one flat chunk, in float64.
 
-    The moment kernel of every fit (tensors, pools, activation/gradient hooks): a faster
-    kernel with this signature swaps in here.
+    The moment kernel of every two-pass fit (pools of tensors, activation/gradient hooks,
+    :func:`fit`): the one-pass numba kernel :func:`ggprior.gg.moments.centred_sums` for CPU
+    tensors (no float64 copy of the chunk), :func:`centred_sums_reference` for others.
     """
+    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+        return centred_sums_reference(x, centre)
+    from .moments import centred_sums as kernel  # imports numba; moments imports this module
+
+    return kernel(x, centre)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def centred_sums_reference(x: torch.Tensor, centre: float) -> tuple[float, float]:
+    """:func:`centred_sums` in torch (float64 copy, then two reductions): the tests' oracle, and
+    the path for tensors on an accelerator."""
     c = x.to(torch.float64) - centre
     return float(torch.linalg.vector_norm(c, 1)), float(torch.dot(c, c))
 

@@ -28,6 +28,7 @@ import struct
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -46,11 +47,13 @@ _NO_LUT = np.zeros(0, dtype=np.float32)
 
 
 def default_threads() -> int:
-    """The CPUs this process may use (affinity), at least 1."""
+    """The CPUs this process may use (affinity), capped by numba's thread count (which
+    :func:`ggprior.threads.configure_threads`, i.e. the CLI's ``--threads``, sets), at least 1."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover (not Linux)
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    return max(1, min(n, numba.get_num_threads()))
 
 
 @njit(cache=True, nogil=True)
@@ -141,6 +144,65 @@ def _abs_part_lut(x, lut, lo, hi, mu):
     for i in range(lo, hi):
         acc += abs(np.float64(lut[x[i]]) - mu)
     return acc
+
+
+@njit(cache=True, nogil=True)
+def _centred_part(x, lo, hi, c):
+    """(sum |x - c|, sum (x - c)^2) over ``x[lo:hi]`` in float64 (two accumulator chains)."""
+    aa = ab = qa = qb = 0.0
+    i = lo
+    while i + 1 < hi:
+        ya = np.float64(x[i]) - c
+        yb = np.float64(x[i + 1]) - c
+        aa += abs(ya)
+        qa += ya * ya
+        ab += abs(yb)
+        qb += yb * yb
+        i += 2
+    if i < hi:
+        ya = np.float64(x[i]) - c
+        aa += abs(ya)
+        qa += ya * ya
+    return aa + ab, qa + qb
+
+
+@njit(cache=True, nogil=True)
+def _centred_part_lut(x, lut, lo, hi, c):
+    """:func:`_centred_part` over 16-bit codes decoded through ``lut``."""
+    aa = ab = qa = qb = 0.0
+    i = lo
+    while i + 1 < hi:
+        ya = np.float64(lut[x[i]]) - c
+        yb = np.float64(lut[x[i + 1]]) - c
+        aa += abs(ya)
+        qa += ya * ya
+        ab += abs(yb)
+        qb += yb * yb
+        i += 2
+    if i < hi:
+        ya = np.float64(lut[x[i]]) - c
+        aa += abs(ya)
+        qa += ya * ya
+    return aa + ab, qa + qb
+
+
+def centred_sums(x, centre: float, *, threads: int | None = None) -> tuple[float, float]:
+    """``sum |x - centre|`` and ``sum (x - centre)^2`` of one chunk (array or tensor), in float64.
+
+    The kernel behind :func:`ggprior.gg.fit.centred_sums` (pools of tensors, runtime hooks,
+    :func:`ggprior.gg.fit`); NaN/Inf make a sum non-finite, as there.
+    """
+    a, lut, use = _prepare(x, None)
+    if not a.size:
+        return 0.0, 0.0
+    c = float(centre)
+    nt = default_threads() if threads is None else max(1, int(threads))
+
+    def one(lo, hi):
+        return _centred_part_lut(a, lut, lo, hi, c) if use else _centred_part(a, lo, hi, c)
+
+    parts = _run_parts(one, a.size, nt)
+    return float(sum(p[0] for p in parts)), float(sum(p[1] for p in parts))
 
 
 def _run_parts(fn, n: int, threads: int) -> list:
@@ -241,34 +303,45 @@ def _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm) -> float | None:
 def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads: int | None = None) -> GGFit:
     """The moment-ratio GG fit of :func:`ggprior.gg.fit` in one pass over the data.
 
-    ``data``: an array or tensor, or an iterable of them (chunks of one tensor, each read once);
-    ``dtype="bfloat16"`` marks ``uint16`` arrays as bfloat16 bit patterns. ``threads``: how many
+    ``data``: an array or tensor, an iterable of them (chunks of one tensor, each read once), or a
+    zero-argument callable returning a fresh iterator of chunks (streamed: no chunk is held
+    after its pass; the rare exact second pass calls it again); ``dtype="bfloat16"`` marks ``uint16`` arrays as bfloat16 bit patterns. ``threads``: how many
     slices of each chunk are summed in parallel (threads running GIL-free numba kernels; default:
     the CPUs of this process's affinity mask). Raises ``ValueError`` naming ``name`` for empty,
     constant, NaN or Inf input, like :func:`ggprior.gg.fit`.
     """
-    chunks = [data] if _is_single(data) else list(data)
-    prepared = [_prepare(c, dtype) for c in chunks]
-    prepared = [p for p in prepared if p[0].size]
-    n = sum(p[0].size for p in prepared)
+    if callable(data) and not _is_single(data):
+        def stream():
+            for c in data():
+                p = _prepare(c, dtype)
+                if p[0].size:
+                    yield p
+    else:
+        chunks = [data] if _is_single(data) else list(data)
+        prepared = [p for p in (_prepare(c, dtype) for c in chunks) if p[0].size]
+
+        def stream():
+            return iter(prepared)
     acc = MomentAccumulator(name)
-    if n == 0:
-        return acc.fit()  # raises the same error as gg.fit
-    # the provisional centre m and the band's half-width w, from a strided subsample of the first chunk
-    a0, lut0, use0 = prepared[0]
-    sub = _as_float64(a0[:: max(1, a0.size // SUBSAMPLE)], lut0, use0)
-    sub = sub[np.isfinite(sub)]
-    m = float(sub.mean()) if sub.size else 0.0
-    spread = float(sub.std()) if sub.size else 0.0
-    w = BAND_SIGMAS * spread if spread > 0 else max(abs(m), 1.0) * 1e-3
-    if abs(m) <= 0.25 * w:
-        m = 0.0  # exact zeros (sparse weights) then sit at y = 0, outside the band
-    h = 2 * w / BINS
+    n = 0
     tot = [0.0, 0.0, 0.0, 0, 0, np.zeros(BINS, dtype=np.int64), np.zeros(BINS)]
     nt = default_threads() if threads is None else max(1, int(threads))
-    for a, lut, use in prepared:
+    for a, lut, use in stream():
+        if n == 0:
+            # the provisional centre m and the band's half-width w, from a strided subsample of the first chunk
+            sub = _as_float64(a[:: max(1, a.size // SUBSAMPLE)], lut, use)
+            sub = sub[np.isfinite(sub)]
+            m = float(sub.mean()) if sub.size else 0.0
+            spread = float(sub.std()) if sub.size else 0.0
+            w = BAND_SIGMAS * spread if spread > 0 else max(abs(m), 1.0) * 1e-3
+            if abs(m) <= 0.25 * w:
+                m = 0.0  # exact zeros (sparse weights) then sit at y = 0, outside the band
+            h = 2 * w / BINS
+        n += a.size
         r = _sums(a, lut, use, m, w, 1.0 / h, nt)
         tot = [t + v for t, v in zip(tot, r, strict=True)]
+    if n == 0:
+        return acc.fit()  # raises the same error as gg.fit
     s1, s2, sa, pos, zero, cnt, sm = tot
     if not (math.isfinite(s1) and math.isfinite(s2)):
         raise ValueError(f"{name}: contains NaN or Inf values; cannot fit a GG")
@@ -277,7 +350,7 @@ def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads
     abs_dev = _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm)
     if abs_dev is None:
         mu = m + d
-        abs_dev = sum(_abs_dev(a, lut, use, mu, nt) for a, lut, use in prepared)
+        abs_dev = sum(_abs_dev(a, lut, use, mu, nt) for a, lut, use in stream())
     acc.n = acc.n2 = n
     acc.s1 = (m + d) * n
     acc.abs_dev = abs_dev

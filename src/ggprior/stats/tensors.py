@@ -10,10 +10,11 @@ Rows (plain dicts, ready for :func:`ggprior.io.write_table`):
   with LayerNorm gains near 1 this pool is far from zero-centred and its gamma is tiny
   (MiniLM: about 0.08); read it beside ``__linear__``.
 
-Every fit (tensor or pool) is an exact two-pass moment fit over all values (float64 sums,
-streamed; :func:`ggprior.gg.fit.centred_sums` is the one kernel): pass 1 sums each tensor
-(a pool adds its members' sums), pass 2 reads each tensor once more for the centred sums of
-the tensor and of its pools. Goodness of fit of a row is measured on at most
+Every fit (tensor or pool) is an exact moment fit over all values (float64 sums, streamed).
+Pass 1 fits each tensor in one pass (:func:`ggprior.gg.moments.fit_moments`, numba; equal to
+the two-pass :func:`ggprior.gg.fit` to about 1e-9), and a pool adds its members' counts and
+sums; pass 2 reads each tensor once more for the centred sums of its pools around the pools'
+means (:func:`ggprior.gg.fit.centred_sums`, the one kernel of the two-pass fits). Goodness of fit of a row is measured on at most
 ``max_gof_values`` values (default 65,536): the whole tensor when it is smaller, else a seeded
 uniform subsample (pools sample each member in proportion).
 """
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import gg
+from ..gg.moments import fit_moments
 from ..io.sources import TensorSource, floating_names, open_source
 
 GROUP_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
@@ -111,37 +113,44 @@ def fit_model(
     rows: list[dict] = []
     skipped: list[dict] = []
 
-    # Pass 1: counts and sums of every tensor; a pool adds its members' sums.
-    accs: dict[str, gg.MomentAccumulator] = {}
+    # Pass 1: the one-pass fit of every tensor; a pool adds its members' counts and sums.
+    fits: dict[str, gg.GGFit | ValueError] = {}
+    counts: dict[str, int] = {}
     member_of: dict[str, list[_Pool]] = {}
     for name in tqdm(names, desc="fit pass 1", unit="tensor", disable=not progress):
         members = [MODEL_ROW, f"group:{tensor_group(name)}"]
         if is_linear_weight(name, len(src.shape(name))):
             members.append(LINEAR_ROW)
-        acc = accs[name] = gg.MomentAccumulator(name)
-        for c in src.iter_chunks(name):
-            acc.add(c)
+        try:
+            fit = fits[name] = fit_moments(lambda name=name: src.iter_chunks(name), name=name)
+            n, s1 = fit.n, fit.mu * fit.n
+        except ValueError as e:  # empty or constant: no fit, but the pools still hold its values
+            fits[name] = e
+            acc = gg.MomentAccumulator(name)
+            for c in src.iter_chunks(name):
+                acc.add(c)  # NaN / Inf raise here, as the fit did
+            n, s1 = acc.n, acc.s1
+        counts[name] = n
         member_of[name] = [pools.setdefault(m, _Pool(gg.MomentAccumulator(f"{src.label} ({m})"))) for m in members]
         for pool in member_of[name]:
-            pool.acc.add_sums(acc.n, acc.s1)
+            pool.acc.add_sums(n, s1)
             pool.members.append(name)
 
-    # Pass 2: centred moments of every tensor and pool around its own mean, and the GOF samples.
+    # Pass 2: centred moments of every pool around its own mean, and the GOF samples.
     for name in tqdm(names, desc="fit pass 2", unit="tensor", disable=not progress):
-        acc, sample = accs[name], []
+        sample = []
         for c in src.iter_chunks(name):
-            c = c.reshape(-1).to(torch.float64)
-            for a in (acc, *(p.acc for p in member_of[name])):
-                a.add_centered(c)
+            c = c.reshape(-1)
+            for pool in member_of[name]:
+                pool.acc.add_centered(c)
             if gof and c.numel():
-                sample.append(_subsample(c, max(1, max_gof_values * c.numel() // acc.n), gen))
+                sample.append(_subsample(c, max(1, max_gof_values * c.numel() // counts[name]), gen))
                 for pool in member_of[name]:
                     pool.sample.append(_subsample(c, max(1, max_gof_values * c.numel() // pool.acc.n), gen))
         extra = {"group": tensor_group(name), "shape": "x".join(map(str, src.shape(name)))}
-        try:
-            fit = acc.fit()
-        except ValueError as e:
-            skipped.append({"name": name, **extra, "numel": src.numel(name), "note": str(e)})
+        fit = fits[name]
+        if isinstance(fit, ValueError):
+            skipped.append({"name": name, **extra, "numel": src.numel(name), "note": str(fit)})
             continue
         if mle:
             fit = gg.refine_mle(lambda name=name: src.iter_chunks(name), fit, name=name)
