@@ -148,42 +148,24 @@ def _abs_part_lut(x, lut, lo, hi, mu):
 
 @njit(cache=True, nogil=True)
 def _centred_part(x, lo, hi, c):
-    """(sum |x - c|, sum (x - c)^2) over ``x[lo:hi]`` in float64 (two accumulator chains)."""
-    aa = ab = qa = qb = 0.0
-    i = lo
-    while i + 1 < hi:
-        ya = np.float64(x[i]) - c
-        yb = np.float64(x[i + 1]) - c
-        aa += abs(ya)
-        qa += ya * ya
-        ab += abs(yb)
-        qb += yb * yb
-        i += 2
-    if i < hi:
-        ya = np.float64(x[i]) - c
-        aa += abs(ya)
-        qa += ya * ya
-    return aa + ab, qa + qb
+    """(sum |x - c|, sum (x - c)^2) over ``x[lo:hi]`` in float64."""
+    sa = sq = 0.0
+    for i in range(lo, hi):
+        y = np.float64(x[i]) - c
+        sa += abs(y)
+        sq += y * y
+    return sa, sq
 
 
 @njit(cache=True, nogil=True)
 def _centred_part_lut(x, lut, lo, hi, c):
     """:func:`_centred_part` over 16-bit codes decoded through ``lut``."""
-    aa = ab = qa = qb = 0.0
-    i = lo
-    while i + 1 < hi:
-        ya = np.float64(lut[x[i]]) - c
-        yb = np.float64(lut[x[i + 1]]) - c
-        aa += abs(ya)
-        qa += ya * ya
-        ab += abs(yb)
-        qb += yb * yb
-        i += 2
-    if i < hi:
-        ya = np.float64(lut[x[i]]) - c
-        aa += abs(ya)
-        qa += ya * ya
-    return aa + ab, qa + qb
+    sa = sq = 0.0
+    for i in range(lo, hi):
+        y = np.float64(lut[x[i]]) - c
+        sa += abs(y)
+        sq += y * y
+    return sa, sq
 
 
 def centred_sums(x, centre: float, *, threads: int | None = None) -> tuple[float, float]:
