@@ -218,15 +218,14 @@ def _trim(lev: torch.Tensor, n_min: int | float, w: float, name: str) -> tuple[i
     the bins reach 1/32 of the range), so the threshold is a real density ratio even when the
     fine histogram is sparse (a small tensor holds a handful of values per 2^-13 bin).
     """
-    cnt = torch.unique_consecutive(lev, return_counts=True)[1]
-    nmin = _resolve_n_min(n_min, int(cnt.max()), name)
-    m, ccnt = 1, cnt
-    if isinstance(n_min, float):
+    ccnt = torch.unique_consecutive(lev, return_counts=True)[1]
+    m = 1
+    if isinstance(n_min, float) and 0.0 < n_min <= 1.0:  # merge first; the threshold is checked on merged bins
         span = int(lev[-1] - lev[0]) + 1
         while int(ccnt.max()) * n_min < 2 and 64 * m <= span:
             m *= 2
             ccnt = torch.unique_consecutive(torch.div(lev, m, rounding_mode="floor"), return_counts=True)[1]
-        nmin = _resolve_n_min(n_min, int(ccnt.max()), name)
+    nmin = _resolve_n_min(n_min, int(ccnt.max()), name)
     first, last = _core(ccnt, nmin)
     csum = torch.cumsum(ccnt, 0)
     return (int(csum[first - 1]) if first > 0 else 0), int(csum[last]), nmin, m * w
