@@ -50,94 +50,38 @@ all_to_all chunks, the length headers), the raw-fallback buckets, and for the fi
 integers the Exp-Golomb order-0 and best-order sizes and the zeroth-order entropy (from the
 histogram; ``detailed=False`` in the state skips these). Baseline hooks (plain allreduce, fp16,
 PowerSGD) are wrapped by :func:`counting_hook` with their payload sizes.
+
+Modules: this one (the hook, its state and the per-bucket exchange; it re-exports the names below),
+:mod:`.config` (:class:`GCTConfig`, :class:`GCTError`), :mod:`.collectives` (byte collectives,
+:func:`exchange`, :func:`shard_bounds`, coding and decoding frames) and :mod:`.counts`
+(:class:`CommStats`, :func:`counting_hook`, :func:`powersgd_elements`).
 """
 
-
-import math
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
-from ..codec import expgolomb
-from ..codec.bits import CodingError
-from ..codec.histogram import histogram
-from .codec import CODERS, Q_MAX, decode_frame, encode_frame, encode_raw, rate_quantize
-
-EXCHANGES = ("auto", "allgather", "reduce_scatter")
-AUTO_ALLGATHER_MAX = 2
-
-
-class GCTError(RuntimeError):
-    """A distributed run that cannot go on: bad settings, or a worker that died or timed out."""
-
-
-@dataclass
-class GCTConfig:
-    """GCT settings (see the module docstring)."""
-
-    coder: str = "ans"
-    rel_step: float = 0.05
-    lam: float = 0.0
-    error_feedback: bool = True
-    grad_rate: float = 0.0
-    h_max: float = 100.0
-    ema: float = 0.9
-    exchange: str = "auto"
-    async_coding: bool = True
-
-    def validate(self) -> None:
-        if self.coder not in CODERS:
-            raise GCTError(f"unknown gradient coder {self.coder!r}; known: {', '.join(CODERS)}")
-        if self.exchange not in EXCHANGES:
-            raise GCTError(f"unknown GCT exchange {self.exchange!r}; known: {', '.join(EXCHANGES)}")
-        if not (self.rel_step > 0 and self.lam >= 0 and self.grad_rate >= 0 and self.h_max > 0 and 0 <= self.ema < 1):
-            raise GCTError(f"need rel_step > 0, lam >= 0, grad_rate >= 0, h_max > 0, 0 <= ema < 1: {self}")
-
-    def exchange_for(self, world: int) -> str:
-        """The exchange used at ``world`` workers (``auto`` resolved)."""
-        if self.exchange != "auto":
-            return self.exchange
-        return "allgather" if world <= AUTO_ALLGATHER_MAX else "reduce_scatter"
-
-
-@dataclass
-class CommStats:
-    """Per-worker communication totals; ``steps`` counts iterations (the last bucket of each)."""
-
-    steps: int = 0
-    values: int = 0
-    payload_bytes: int = 0
-    wire_bytes: int = 0
-    eg0_bits: int = 0
-    eg_bits: int = 0
-    entropy_bits: float = 0.0
-    zeros: int = 0
-    raw_buckets: int = 0
-    buckets: int = 0
-    hook_seconds: float = 0.0
-    code_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        """Totals plus per-step and per-value figures."""
-        s = max(self.steps, 1)
-        v = max(self.values, 1)
-        out = {k: v_ for k, v_ in asdict(self).items() if k != "extra"}
-        out.update(bytes_per_step=self.payload_bytes / s, wire_bytes_per_step=self.wire_bytes / s,
-                   bits_per_value=8 * self.payload_bytes / v, eg0_bytes_per_step=self.eg0_bits / 8 / s,
-                   eg_bytes_per_step=self.eg_bits / 8 / s, entropy_bytes_per_step=self.entropy_bits / 8 / s,
-                   zero_frac=self.zeros / v, hook_ms_per_step=1e3 * self.hook_seconds / s,
-                   code_ms_per_step=1e3 * self.code_seconds / s)
-        out.update(self.extra)
-        return out
+from .codec import decode_frame, encode_frame, encode_raw
+from .collectives import (  # noqa: F401  (exchange is part of this module's API)
+    _all_to_all_bytes,
+    _code,
+    _collective_error,
+    _decode_into,
+    _dequant,
+    _gather_bytes,
+    _one_line,
+    exchange,
+    shard_bounds,
+)
+from .config import AUTO_ALLGATHER_MAX, EXCHANGES, GCTConfig, GCTError  # noqa: F401  (re-exported)
+from .counts import CommStats, _count, counting_hook, powersgd_elements  # noqa: F401  (re-exported)
 
 
 def _group_timeout(group: dist.ProcessGroup | None) -> timedelta | None:
@@ -249,128 +193,6 @@ class GCTState:
             self._thread = None
 
 
-def _frombytes(data: bytes, device: torch.device) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-
-
-def _collective_error(rank: int, e: BaseException) -> GCTError:
-    return GCTError(f"rank {rank}: gradient exchange failed -- a worker died or did not answer within "
-                    f"the process group's timeout ({type(e).__name__}: {_one_line(e)})")
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
-def _gather_bytes(payload: bytes, group, device: torch.device) -> tuple[list[bytes], int]:
-    """all_gather of variable-length bytes: (every worker's bytes, padded block size)."""
-    world = dist.get_world_size(group)
-    n = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    lens = [int(s) for s in sizes]
-    buf = torch.zeros(max(lens), dtype=torch.uint8, device=device)
-    if payload:
-        buf[: len(payload)] = _frombytes(payload, device)
-    outs = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(outs, buf, group=group)
-    return [o[:k].cpu().numpy().tobytes() for o, k in zip(outs, lens, strict=True)], max(lens)
-
-
-def _all_to_all_bytes(chunks: list[bytes], group, device: torch.device) -> list[bytes]:
-    """all_to_all of variable-length bytes: ``chunks[j]`` goes to worker j; returns what each worker sent here."""
-    lens = torch.tensor([len(c) for c in chunks], dtype=torch.int64, device=device)
-    got = torch.empty_like(lens)
-    dist.all_to_all_single(got, lens, group=group)
-    send = _frombytes(b"".join(chunks), device) if any(chunks) else torch.zeros(0, dtype=torch.uint8, device=device)
-    recv_lens = [int(v) for v in got]
-    recv = torch.empty(sum(recv_lens), dtype=torch.uint8, device=device)
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_lens, input_split_sizes=[len(c) for c in chunks],
-                           group=group)
-    data = recv.cpu().numpy().tobytes()
-    offs = np.cumsum([0] + recv_lens)
-    return [data[offs[i]:offs[i + 1]] for i in range(len(recv_lens))]
-
-
-def exchange(payload: bytes, group: dist.ProcessGroup | None = None,
-             device: torch.device | str = "cpu") -> list[bytes]:
-    """Every worker's ``payload`` (rank order): all_gather of the lengths, then of the padded bytes.
-
-    Raises :class:`GCTError` when a collective fails (a worker died or the group's timeout passed).
-    """
-    device = torch.device(device)
-    rank = dist.get_rank(group)
-    try:
-        return _gather_bytes(payload, group, device)[0]
-    except RuntimeError as e:
-        raise _collective_error(rank, e) from e
-
-
-def shard_bounds(n: int, world: int) -> list[int]:
-    """Offsets of ``world`` contiguous shards of ``n`` values (the first n % world one longer)."""
-    base, extra = divmod(n, world)
-    sizes = [base + (1 if r < extra else 0) for r in range(world)]
-    return np.cumsum([0] + sizes).tolist()
-
-
-def _code(x: torch.Tensor, raw: torch.Tensor, cfg: GCTConfig, whole: bool = True
-          ) -> tuple[bytes, torch.Tensor | None, np.ndarray | None, float]:
-    """(frame, new residual, integers, step) for ``x``; when ``x`` cannot be coded, a raw frame of
-    ``raw`` (the gradient without the residual, so the residual is left intact) and None, None, 1.
-    ``whole=False`` quantizes only (frame b"" unless raw): the caller codes the shards."""
-    ms = float(x.double().square().mean()) if x.numel() else 0.0
-    if math.isfinite(ms):
-        rms = math.sqrt(ms)
-        step = float(np.float32(cfg.rel_step * rms if rms > 0 else 1.0))
-        if math.isfinite(step) and step > 0:
-            try:
-                q = rate_quantize(x, step, cfg.lam)
-                if not q.numel() or int(q.abs().max()) <= Q_MAX:
-                    qn = q.cpu().numpy()
-                    frame = encode_frame(qn, step, cfg.coder) if whole else b""
-                    return frame, x - q.to(x.dtype) * step, qn, step
-            except (CodingError, OverflowError, ValueError, RuntimeError):
-                pass
-    return encode_raw(raw), None, None, 1.0
-
-
-def _dequant(qn: np.ndarray | None, step: float, raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """What decoding this worker's own frame gives, without decoding it (bit-identical)."""
-    if qn is None:
-        return raw.to(like.dtype)
-    return torch.from_numpy(qn).to(like.device, like.dtype) * step
-
-
-def _decode_into(frames: list[bytes], bounds: list[int] | None, n: int, out: torch.Tensor, who: str,
-                 own: tuple[int, torch.Tensor] | None = None) -> bool:
-    """Sum of decoded ``frames`` (``bounds`` None) or their concatenation by shard into ``out``; True if any was raw.
-
-    ``own`` = (rank, values): this worker's frame is not decoded, its values are used (the same numbers).
-    """
-    raw = False
-    for i, f in enumerate(frames):
-        if own is not None and i == own[0]:
-            t = own[1]
-            if bounds is None:
-                out += t
-            else:
-                out[bounds[i]:bounds[i + 1]] = t
-            continue
-        vals, step = decode_frame(f)
-        raw = raw or vals.dtype.kind == "f"
-        want = n if bounds is None else bounds[i + 1] - bounds[i]
-        if vals.size != want:
-            raise GCTError(f"{who}: worker {i} sent {vals.size} values where {want} were expected; "
-                           "the workers' models or bucket layouts differ")
-        t = torch.from_numpy(vals).to(out.device, out.dtype) * step
-        if bounds is None:
-            out += t
-        else:
-            out[bounds[i]:bounds[i + 1]] = t
-    return raw
-
-
 def _check_configs(state: GCTState, world: int) -> None:
     mine = {k: v for k, v in asdict(state.config).items() if k != "async_coding"}
     mine["exchange"] = state.config.exchange_for(world)
@@ -382,21 +204,6 @@ def _check_configs(state: GCTState, world: int) -> None:
             raise GCTError(f"GCT settings differ across workers (this worker vs worker {r}): "
                            + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in sorted(diff.items())))
     state.checked = True
-
-
-def _count(stats: CommStats, qn: np.ndarray | None, n: int, detailed: bool) -> None:
-    stats.values += n
-    if qn is None:
-        stats.raw_buckets += 1
-        return
-    if not detailed:
-        return
-    h = histogram(qn)
-    stats.eg0_bits += expgolomb.total_bits_hist(h.symbols, h.counts, 0)
-    stats.eg_bits += expgolomb.best_order(h.symbols, h.counts)[1] if h.n else 0
-    stats.entropy_bits += h.entropy_bits()
-    zero = np.searchsorted(h.symbols, 0)
-    stats.zeros += int(h.counts[zero]) if zero < h.symbols.size and h.symbols[zero] == 0 else 0
 
 
 def _secant_term(state: GCTState, layout: _Layout, params: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
@@ -569,36 +376,3 @@ def register_gct(ddp_model: torch.nn.Module, config: GCTConfig | None = None, *,
     state = GCTState(config, group, timeout=timeout, detailed=detailed)
     ddp_model.register_comm_hook(state, gct_hook)
     return state
-
-
-def powersgd_elements(state: psgd.PowerSGDState, bucket: dist.GradBucket) -> int:
-    """Values the PowerSGD hook allreduces for ``bucket`` this step (before the hook runs)."""
-    if state.iter < state.start_powerSGD_iter:
-        return bucket.buffer().numel()
-    total = 0
-    for t in bucket.gradients():
-        n = t.shape[0] if t.dim() else 1
-        m = t.numel() // max(n, 1)
-        r = min(n, m, state.matrix_approximation_rank)
-        compress, full, small = psgd._should_compress(n, m, r, state.min_compression_rate)
-        total += small if compress else full
-    return total
-
-
-def counting_hook(hook: Callable, stats: CommStats,
-                  payload: Callable[[object, dist.GradBucket], int]) -> Callable:
-    """Wrap a DDP hook so ``stats`` records ``payload(state, bucket)`` bytes and the hook's time per call."""
-
-    def wrapped(state, bucket: dist.GradBucket):
-        n = payload(state, bucket)
-        t0 = time.perf_counter()
-        fut = hook(state, bucket)
-        stats.payload_bytes += n
-        stats.wire_bytes += n
-        stats.values += bucket.buffer().numel()
-        stats.hook_seconds += time.perf_counter() - t0
-        if bucket.is_last():
-            stats.steps += 1
-        return fut
-
-    return wrapped
