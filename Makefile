@@ -22,7 +22,7 @@ run: install
 	$(PY) -m ggprior pipeline sentiment $(OUT)
 
 test: install
-	$(PY) -m ruff check src tests benchmarks experiments
+	$(PY) -m ruff check src tests benchmarks experiments examples
 	$(PY) -m pytest
 
 test-slow: install
