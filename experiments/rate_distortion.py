@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import shlex
@@ -251,8 +252,9 @@ def matrices(model: torch.nn.Module, limit: int | None) -> dict[str, torch.Tenso
 
 
 def methods(p: dict, nnc: bool) -> list[tuple[str, str, object]]:
-    ms = [("gguf", k, k) for k in GGUF] + [("nf4", "nf4", None), ("int8", "int8", None),
-                                           ("fp8-e4m3", "fp8-e4m3", None), ("fp8-e4m3-scaled", "fp8-e4m3-scaled", None)]
+    nf4 = [("nf4", "nf4", None)] if importlib.util.find_spec("torchao") else []  # torchao: the bench extra
+    ms = [("gguf", k, k) for k in GGUF] + nf4 + [("int8", "int8", None),
+                                                 ("fp8-e4m3", "fp8-e4m3", None), ("fp8-e4m3-scaled", "fp8-e4m3-scaled", None)]
     if nnc:
         ms += [("nncodec", f"qp{q}", q) for q in NNC_QPS]
     ms += [("ggprior-rel", f"rel{r}", r) for r in p["rels"]]

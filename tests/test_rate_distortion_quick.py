@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -22,7 +23,10 @@ def test_quick_run_writes_results(tmp_path):
     assert (out / "rate_distortion.png").stat().st_size > 0 and "| gguf | Q4_0 |" in (out / "README.md").read_text()
     syn, minilm = data["results"]
     methods = {q["method"] for q in minilm["points"]}
-    assert {"gguf", "nf4", "int8", "fp8-e4m3", "ggprior-rel", "ggprior-alloc", "ggprior-alloc-rows"} <= methods
+    required = {"gguf", "int8", "fp8-e4m3", "ggprior-rel", "ggprior-alloc", "ggprior-alloc-rows"}
+    if importlib.util.find_spec("torchao"):  # NF4 runs where the bench extra is installed
+        required.add("nf4")
+    assert required <= methods
     for q in minilm["points"]:
         assert 0.9 < q["quality"] <= 1.0 + 1e-6 and q["bits"] > 0
     for q in syn["points"]:
