@@ -27,23 +27,12 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import constriction
 import numpy as np
 
+from bench_codec import _timed  # benchmarks/ is on sys.path when run as a script
 from ggprior.codec import expgolomb, huffman, rans
-
-
-def _timed(fn, repeat: int) -> tuple[float, float, object]:
-    """(best wall seconds, best thread CPU seconds, last result) over ``repeat`` runs."""
-    wall, cpu, out = float("inf"), float("inf"), None
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        out = fn()
-        cpu = min(cpu, time.thread_time() - c0)
-        wall = min(wall, time.perf_counter() - t0)
-    return wall, cpu, out
 
 
 def gg_ints(n: int, gamma: float, seed: int) -> np.ndarray:
