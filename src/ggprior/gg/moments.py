@@ -197,10 +197,6 @@ def _prepare(chunk, dtype: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     raise TypeError(f"cannot fit values of dtype {a.dtype}")
 
 
-def _as_float64(a: np.ndarray, lut: np.ndarray | None) -> np.ndarray:
-    return a.astype(np.float64) if lut is None else lut[a].astype(np.float64)
-
-
 def _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm) -> float | None:
     """``sum |y - d|`` from the one-pass sums, or None when the band cannot resolve it exactly enough.
 
@@ -260,10 +256,11 @@ def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads
     for a, lut in stream():
         if n == 0:
             # the provisional centre m and the band's half-width w, from a strided subsample of the first chunk
-            sub = _as_float64(a[:: max(1, a.size // SUBSAMPLE)], lut)
-            sub = sub[np.isfinite(sub)]
-            m = float(sub.mean()) if sub.size else 0.0
-            spread = float(sub.std()) if sub.size else 0.0
+            sub = a[:: max(1, a.size // SUBSAMPLE)]  # a strided view: no copy
+            m = _centred_part(sub, lut, 0, sub.size, 0.0)[0] / sub.size
+            spread = math.sqrt(_centred_part(sub, lut, 0, sub.size, m)[2] / sub.size)
+            if not (math.isfinite(m) and math.isfinite(spread)):
+                m = spread = 0.0  # NaN/Inf in the subsample: the pass below finds them and raises
             w = BAND_SIGMAS * spread if spread > 0 else max(abs(m), 1.0) * 1e-3
             if abs(m) <= 0.25 * w:
                 m = 0.0  # exact zeros (sparse weights) then sit at y = 0, outside the band
