@@ -265,9 +265,10 @@ def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads
     for a, lut in stream():
         if n == 0:
             # the provisional centre m and the band's half-width w, from a strided subsample of the first chunk
-            sub = a[:: max(1, a.size // SUBSAMPLE)]  # a strided view: no copy
-            m = _centred_part(sub, lut, 0, sub.size, 0.0)[0] / sub.size
-            spread = math.sqrt(_centred_part(sub, lut, 0, sub.size, m)[2] / sub.size)
+            sub = a[:: max(8, a.size // SUBSAMPLE)]  # a strided view (no copy) of at most 1/8 of the chunk
+            s1, _, s2 = _centred_part(sub, lut, 0, sub.size, _value(sub, lut, 0))  # shifted: no cancellation
+            m = _value(sub, lut, 0) + s1 / sub.size
+            spread = math.sqrt(max(s2 / sub.size - (s1 / sub.size) ** 2, 0.0))
             if not (math.isfinite(m) and math.isfinite(spread)):
                 m = spread = 0.0  # NaN/Inf in the subsample: the pass below finds them and raises
             w = BAND_SIGMAS * spread if spread > 0 else max(abs(m), 1.0) * 1e-3
