@@ -67,11 +67,13 @@ def _unkey(k):
 
 
 @njit(cache=True)
-def _bucket_argsort_f32(bits, sorted_bits, order):
+def _bucket_argsort_f32(bits, low, idx, sorted_bits, order):
     """Stable ascending sort of float32 values given as their uint32 bit patterns.
 
     Writes the sorted bit patterns (-0.0 as +0.0) to ``sorted_bits`` and the permutation to
-    ``order`` (int32 or int64). NaN sorts beyond +-Inf, on the side of its sign bit.
+    ``order`` (int32 or int64). NaN sorts beyond +-Inf, on the side of its sign bit. ``low``
+    (uint16) and ``idx`` (int32), of the same length, are work buffers: from NumPy, whose large
+    allocations use transparent huge pages (numba's would fault in every 4 KiB page).
     """
     n = bits.shape[0]
     start = np.zeros(65537, dtype=np.int64)
@@ -82,8 +84,6 @@ def _bucket_argsort_f32(bits, sorted_bits, order):
         big = max(big, start[b + 1])
         start[b + 1] += start[b]
     fill = start[:-1].copy()
-    low = np.empty(n, dtype=np.uint16)
-    idx = np.empty(n, dtype=np.int32)
     for i in range(n):
         k = _key(bits[i])
         p = fill[k >> 16]
@@ -147,7 +147,8 @@ def _argsort(a: np.ndarray, index_dtype: type) -> tuple[np.ndarray, np.ndarray]:
     """(sorted values, stable permutation) of a flat float32/float64 array."""
     if a.dtype == np.float32 and a.size < 2**31:
         sbits, order = np.empty(a.size, np.uint32), np.empty(a.size, index_dtype)
-        _bucket_argsort_f32(np.ascontiguousarray(a).view(np.uint32), sbits, order)
+        _bucket_argsort_f32(np.ascontiguousarray(a).view(np.uint32), np.empty(a.size, np.uint16),
+                            np.empty(a.size, np.int32), sbits, order)
         return sbits.view(np.float32), order
     order = np.argsort(a, kind="stable")
     return a[order], order
