@@ -48,7 +48,7 @@ The tails (``tails=``):
 This module holds the sort-based implementation, :func:`reshape_values_reference` (runs on the
 tensors' device; two sorts plus vectorised arithmetic): the oracle that the library's
 :func:`ggprior.deepshape.reshape_values` (:func:`ggprior.deepshape.remap.reshape_values_fast`,
-radix sort and a fused numba remap, bit for bit the same output) is tested and benchmarked
+bucket sort and a fused numba remap, bit for bit the same output) is tested and benchmarked
 against. Whole models (selection, pooling, the finer-grid fallback): :mod:`ggprior.deepshape.model`.
 """
 
