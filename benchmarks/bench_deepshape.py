@@ -9,7 +9,7 @@ Times :func:`ggprior.deepshape.reshape.reshape_values_reference` (sort-based, ve
 
 With ``--minilm`` it also times the whole all-MiniLM-L6-v2 model (39 matrices, per tensor).
 
-``fast`` and ``fast_one_pass_fit``: :func:`ggprior.deepshape.remap.reshape_values_fast` (radix
+``fast`` and ``fast_one_pass_fit``: :func:`ggprior.deepshape.remap.reshape_values_fast` (bucket
 sort + fused remap; ``exact=False`` also fits the core in one pass), checked against the
 reference's output (``identical``: bit for bit; ``values_moved``: how many differ). Every time
 is the best of ``--repeats`` as wall and process CPU time (``cpu_seconds*``: the machine may be

@@ -48,7 +48,7 @@ The tails (``tails=``):
 This module holds the sort-based implementation, :func:`reshape_values_reference` (runs on the
 tensors' device; two sorts plus vectorised arithmetic): the oracle that the library's
 :func:`ggprior.deepshape.reshape_values` (:func:`ggprior.deepshape.remap.reshape_values_fast`,
-radix sort and a fused numba remap, bit for bit the same output) is tested and benchmarked
+bucket sort and a fused numba remap, bit for bit the same output) is tested and benchmarked
 against. Whole models (selection, pooling, the finer-grid fallback): :mod:`ggprior.deepshape.model`.
 """
 
@@ -159,14 +159,12 @@ def grid_entropy(values: torch.Tensor, step: float = BIN_WIDTH) -> float:
     if x.numel() == 0:
         raise ValueError("grid_entropy: empty input")
     lev = torch.round(x.to(_work_dtype(x)) / step).to(torch.int64)
-    counts = torch.unique(lev, return_counts=True)[1].to(torch.float64)
-    p = counts / counts.sum()
-    return float(-(p * torch.log2(p)).sum())
+    return _entropy(torch.unique(lev, return_counts=True)[1])
 
 
-def _sorted_entropy(levels_sorted: torch.Tensor) -> float:
-    counts = torch.unique_consecutive(levels_sorted, return_counts=True)[1].to(torch.float64)
-    p = counts / counts.sum()
+def _entropy(counts: torch.Tensor) -> float:
+    """Entropy in bits of the law given by the non-zero ``counts``."""
+    p = counts.to(torch.float64) / counts.sum()
     return float(-(p * torch.log2(p)).sum())
 
 
@@ -210,25 +208,33 @@ def _core(cnt: torch.Tensor, n_min: int) -> tuple[int, int]:
     return int(ok[0]), int(ok[-1])
 
 
-def _trim(lev: torch.Tensor, n_min: int | float, w: float, name: str) -> tuple[int, int, int, float]:
-    """The core as a slice [start, end) of the sorted levels, the count threshold and the cut's bin width.
+def _trim(levels: torch.Tensor, counts: torch.Tensor, n_min: int | float, w: float,
+          name: str) -> tuple[int, int, int, int, int, float]:
+    """The core of sorted values whose non-empty grid levels are ``levels`` (ascending) with ``counts``.
 
-    An int ``n_min`` counts values per bin of width ``w`` (the reference rule). A fraction is
-    applied on bins merged by powers of two until the fullest holds >= 2 / fraction values (or
-    the bins reach 1/32 of the range), so the threshold is a real density ratio even when the
-    fine histogram is sparse (a small tensor holds a handful of values per 2^-13 bin).
+    Returns (start, end, a, b, n_min, cut width): the core is the slice [start, end) of the sorted
+    values, its levels run from a to b. An int ``n_min`` counts values per bin of width ``w`` (the
+    reference rule). A fraction is applied on bins merged by powers of two until the fullest holds
+    >= 2 / fraction values (or the bins reach 1/32 of the range), so the threshold is a real
+    density ratio even when the fine histogram is sparse (a small tensor holds a handful of
+    values per 2^-13 bin).
     """
-    ccnt = torch.unique_consecutive(lev, return_counts=True)[1]
+    ccnt = counts
     m = 1
     if isinstance(n_min, float) and 0.0 < n_min <= 1.0:  # merge first; the threshold is checked on merged bins
-        span = int(lev[-1] - lev[0]) + 1
+        span = int(levels[-1] - levels[0]) + 1
         while int(ccnt.max()) * n_min < 2 and 64 * m <= span:
             m *= 2
-            ccnt = torch.unique_consecutive(torch.div(lev, m, rounding_mode="floor"), return_counts=True)[1]
+            group = torch.unique_consecutive(torch.div(levels, m, rounding_mode="floor"), return_inverse=True)[1]
+            ccnt = torch.zeros(int(group[-1]) + 1, dtype=counts.dtype).index_add_(0, group, counts)
     nmin = _resolve_n_min(n_min, int(ccnt.max()), name)
     first, last = _core(ccnt, nmin)
     csum = torch.cumsum(ccnt, 0)
-    return (int(csum[first - 1]) if first > 0 else 0), int(csum[last]), nmin, m * w
+    start, end = (int(csum[first - 1]) if first > 0 else 0), int(csum[last])
+    fine = torch.cumsum(counts, 0)  # the fine levels of the core's first and last values
+    a = int(levels[int(torch.searchsorted(fine, start, right=True))])
+    b = int(levels[int(torch.searchsorted(fine, end))])
+    return start, end, a, b, nmin, m * w
 
 
 def _fill(counts: torch.Tensor, first_bin: int, w: float, snap: bool) -> torch.Tensor:
@@ -287,9 +293,8 @@ def reshape_values_reference(
     w = float(bin_width)
 
     sv, order = torch.sort(v, stable=True)
-    lev = torch.round(sv / w).to(torch.int64)
-    start, end, nmin, cut_width = _trim(lev, n_min, w, name)
-    a, b = int(lev[start]), int(lev[end - 1])
+    ulev, ucnt = torch.unique_consecutive(torch.round(sv / w).to(torch.int64), return_counts=True)
+    start, end, a, b, nmin, cut_width = _trim(ulev, ucnt, n_min, w, name)
     core_fit = gg.fit(sv[start:end], name=name)
     mu = core_fit.mu
     gamma_t, beta_t = k_gamma * core_fit.gamma, k_beta * core_fit.beta
@@ -305,7 +310,7 @@ def reshape_values_reference(
             "per beta to hit the target shape); use a smaller bin width"
         )
     # the remapped range: the core, or everything when the tails are reshaped too
-    r0, r1, ra, rb = (0, n, int(lev[0]), int(lev[-1])) if tails == "reshape" else (start, end, a, b)
+    r0, r1, ra, rb = (0, n, int(ulev[0]), int(ulev[-1])) if tails == "reshape" else (start, end, a, b)
     if tails == "keep":
         a2, b2 = a, b
     else:
@@ -348,8 +353,8 @@ def reshape_values_reference(
         cut=((a - 0.5) * w, (b + 0.5) * w), new_cut=(lo_edge, hi_edge), core_fit=core_fit,
         target=(mu, beta_t, gamma_t), before=gg.fit(sv, name=name) if trimmed else core_fit, after=after,
         after_core=gg.fit(work[start:end], name=name) if trimmed else after,
-        entropy_before=_sorted_entropy(lev),
-        entropy_after=_sorted_entropy(torch.round(work / w).to(torch.int64)),
+        entropy_before=_entropy(ucnt),
+        entropy_after=_entropy(torch.unique_consecutive(torch.round(work / w).to(torch.int64), return_counts=True)[1]),
         rel_change=float(torch.linalg.vector_norm(work - sv, dtype=torch.float64)) / norm if norm > 0 else 0.0,
         bin_width=w,
     )

@@ -86,6 +86,16 @@ def centred_sums(x: torch.Tensor, centre: float) -> tuple[float, float]:
     return kernel(x, centre)
 
 
+def value_sum(x: torch.Tensor) -> float:
+    """``sum(x)`` of one flat chunk in float64 (pass 1 of :func:`fit`): the numba kernel for CPU
+    tensors (vectorised, no float64 copy), torch for others."""
+    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+        return float(x.sum(dtype=torch.float64))
+    from .moments import value_sum as kernel
+
+    return kernel(x)
+
+
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -115,7 +125,7 @@ class MomentAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = _check_chunk(x, self.name)
         self.n += x.numel()
-        self.s1 += _check_finite(float(x.sum(dtype=torch.float64)), self.name)
+        self.s1 += _check_finite(value_sum(x), self.name)
 
     def add_sums(self, n: int, s1: float) -> None:
         """Pass 1 from a member's own count and sum (a pool of tensors already summed)."""

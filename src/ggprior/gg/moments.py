@@ -13,6 +13,13 @@ bin that holds ``d`` is not: its error is at most ``count x h``; when that bound
 outside ``[-W, W]``, a second pass computes ``sum |x - mu|`` exactly. The result is the same
 :class:`~ggprior.gg.GGFit` as :func:`ggprior.gg.fit` (gamma equal to about 1e-9 relative).
 
+Speed: the sums run over blocks of 64 values in a branch-free loop that LLVM vectorises
+(float64 sums split over SIMD lanes: ``fastmath`` reassociation only, NaN/Inf still propagate),
+which marks the band values in a bit mask; only those are binned afterwards, so the band is
+kept narrow (``BAND_SIGMAS``, about 1% of the values) and the provisional centre precise (a
+``SUBSAMPLE`` of 2^18 values: 0.002 sigma standard error). The two-pass kernels
+(:func:`centred_sums`, :func:`value_sum`, behind :func:`ggprior.gg.fit`) are the same loop.
+
 Inputs: float32, float64, float16 NumPy arrays, bfloat16 given as a ``uint16`` view
 (``dtype="bfloat16"``), torch tensors of any of these, an iterable of such chunks, or a
 safetensors file (:func:`fit_safetensors`, read through a memory map: no copy, no torch).
@@ -30,20 +37,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 # The one place where this module names the fit's result type (ggprior.gg.fit after the move).
 from .fit import GGFit, MomentAccumulator
 
 BINS = 4096
-BAND_SIGMAS = 0.05  # the band histogram covers m +- BAND_SIGMAS x (the subsample's std)
+BAND_SIGMAS = 0.01  # the band histogram covers m +- BAND_SIGMAS x (the subsample's std)
 EXACT_REL = 1e-9
-SUBSAMPLE = 1 << 16
+SUBSAMPLE = 1 << 18  # its mean is within 0.01 sigma (5 standard errors) of the true one
 MIN_PART = 1 << 20  # values per thread below which fewer threads are used
 
 _F16_LUT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 _BF16_LUT = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
-_NO_LUT = np.zeros(0, dtype=np.float32)
 
 
 def default_threads() -> int:
@@ -56,116 +64,78 @@ def default_threads() -> int:
     return max(1, min(n, numba.get_num_threads()))
 
 
-@njit(cache=True, nogil=True)
-def _part(x, lo, hi, m, w, inv_h, cnt, sm):
-    """Sums over ``x[lo:hi]`` (float32 or float64) of y = x - m: (sum y, sum y^2, sum |y|, #y > 0, #y == 0).
+@njit(cache=True, nogil=True, inline="always")
+def _value(x, lut, i):
+    """``x[i]`` as float64, through ``lut`` when it is not None (16-bit codes)."""
+    if lut is None:
+        return np.float64(x[i])
+    return np.float64(lut[x[i]])
 
-    Values with ``0 < |y| < w`` also go to the band histogram (``cnt``, ``sm``). A NaN makes
-    ``sum y`` NaN and an Inf makes ``sum y^2`` Inf, so the sums alone tell whether every value
-    was finite. Two sets of accumulators keep two dependency chains in flight. (Written out,
-    not factored into a helper: a helper taking the arrays costs a reference count per call.)
+
+@intrinsic
+def _lowest_bit(typingctx, mask):
+    """The index of the lowest set bit of a non-zero uint64 (LLVM's cttz: one instruction)."""
+    def codegen(context, builder, sig, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return types.uint64(types.uint64), codegen
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _part(x, lut, lo, hi, m, w, inv_h, cnt, sm):
+    """Sums over ``x[lo:hi]`` of y = x - m: (sum y, sum y^2, sum |y|, #y > 0, #y == 0).
+
+    Values with ``0 < |y| < w`` also go to the band histogram (``cnt``, ``sm``). Blocks of 64
+    values are summed by a branch-free loop that LLVM vectorises (``reassoc`` lets it split the
+    float64 sums over SIMD lanes), which also sets one bit per band value in a 64-bit mask; only
+    those values are then binned. A NaN makes ``sum y`` NaN and an Inf makes ``sum y^2`` Inf, so
+    the sums alone tell whether every value was finite.
     """
-    s1a = s1b = s2a = s2b = saa = sab = 0.0
-    pos = 0
-    zero = 0
+    s1 = s2 = sa = 0.0
+    pos = zero = 0
     half = BINS // 2
-    i = lo
-    while i < hi:
-        ya = np.float64(x[i]) - m
-        s1a += ya
-        s2a += ya * ya
-        saa += abs(ya)
-        pos += np.int64(ya > 0.0)
-        zero += np.int64(ya == 0.0)
-        if abs(ya) < w and ya != 0.0:  # the band: 0 on a bin edge, exactly (floor)
-            j = min(max(np.int64(math.floor(ya * inv_h)) + half, 0), BINS - 1)
+    for b0 in range(lo, hi, 64):
+        blk = x[b0:min(b0 + 64, hi)]  # indexed from 0: no negative-index wraparound, so vector loads
+        band = np.uint64(0)
+        for i in range(blk.shape[0]):
+            y = _value(blk, lut, i) - m
+            s1 += y
+            s2 += y * y
+            sa += abs(y)
+            pos += np.int64(y > 0.0)
+            zero += np.int64(y == 0.0)
+            band |= np.uint64((abs(y) < w) & (y != 0.0)) << np.uint64(i)
+        while band:  # the band: 0 on a bin edge, exactly (floor)
+            y = _value(blk, lut, _lowest_bit(band)) - m
+            band &= band - np.uint64(1)
+            j = min(max(np.int64(math.floor(y * inv_h)) + half, 0), BINS - 1)
             cnt[j] += 1
-            sm[j] += ya
-        if i + 1 < hi:
-            yb = np.float64(x[i + 1]) - m
-            s1b += yb
-            s2b += yb * yb
-            sab += abs(yb)
-            pos += np.int64(yb > 0.0)
-            zero += np.int64(yb == 0.0)
-            if abs(yb) < w and yb != 0.0:
-                j = min(max(np.int64(math.floor(yb * inv_h)) + half, 0), BINS - 1)
-                cnt[j] += 1
-                sm[j] += yb
-        i += 2
-    return s1a + s1b, s2a + s2b, saa + sab, pos, zero
+            sm[j] += y
+    return s1, s2, sa, pos, zero
 
 
-@njit(cache=True, nogil=True)
-def _part_lut(x, lut, lo, hi, m, w, inv_h, cnt, sm):
-    """:func:`_part` over 16-bit codes (float16 / bfloat16 bit patterns) decoded through ``lut``."""
-    s1a = s1b = s2a = s2b = saa = sab = 0.0
-    pos = 0
-    zero = 0
-    half = BINS // 2
-    i = lo
-    while i < hi:
-        ya = np.float64(lut[x[i]]) - m
-        s1a += ya
-        s2a += ya * ya
-        saa += abs(ya)
-        pos += np.int64(ya > 0.0)
-        zero += np.int64(ya == 0.0)
-        if abs(ya) < w and ya != 0.0:  # the band: 0 on a bin edge, exactly (floor)
-            j = min(max(np.int64(math.floor(ya * inv_h)) + half, 0), BINS - 1)
-            cnt[j] += 1
-            sm[j] += ya
-        if i + 1 < hi:
-            yb = np.float64(lut[x[i + 1]]) - m
-            s1b += yb
-            s2b += yb * yb
-            sab += abs(yb)
-            pos += np.int64(yb > 0.0)
-            zero += np.int64(yb == 0.0)
-            if abs(yb) < w and yb != 0.0:
-                j = min(max(np.int64(math.floor(yb * inv_h)) + half, 0), BINS - 1)
-                cnt[j] += 1
-                sm[j] += yb
-        i += 2
-    return s1a + s1b, s2a + s2b, saa + sab, pos, zero
-
-
-@njit(cache=True, nogil=True)
-def _abs_part(x, lo, hi, mu):
-    acc = 0.0
-    for i in range(lo, hi):
-        acc += abs(np.float64(x[i]) - mu)
-    return acc
-
-
-@njit(cache=True, nogil=True)
-def _abs_part_lut(x, lut, lo, hi, mu):
-    acc = 0.0
-    for i in range(lo, hi):
-        acc += abs(np.float64(lut[x[i]]) - mu)
-    return acc
-
-
-@njit(cache=True, nogil=True)
-def _centred_part(x, lo, hi, c):
-    """(sum |x - c|, sum (x - c)^2) over ``x[lo:hi]`` in float64."""
-    sa = sq = 0.0
-    for i in range(lo, hi):
-        y = np.float64(x[i]) - c
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _centred_part(x, lut, lo, hi, c):
+    """(sum (x - c), sum |x - c|, sum (x - c)^2) over ``x[lo:hi]`` in float64 (vectorised)."""
+    xs = x[lo:hi]  # indexed from 0: no negative-index wraparound, so vector loads
+    s1 = sa = sq = 0.0
+    for i in range(xs.shape[0]):
+        y = _value(xs, lut, i) - c
+        s1 += y
         sa += abs(y)
         sq += y * y
-    return sa, sq
+    return s1, sa, sq
 
 
-@njit(cache=True, nogil=True)
-def _centred_part_lut(x, lut, lo, hi, c):
-    """:func:`_centred_part` over 16-bit codes decoded through ``lut``."""
-    sa = sq = 0.0
-    for i in range(lo, hi):
-        y = np.float64(lut[x[i]]) - c
-        sa += abs(y)
-        sq += y * y
-    return sa, sq
+def _centred(x, centre: float, threads: int | None) -> tuple[float, float, float]:
+    """(sum (x - centre), sum |x - centre|, sum (x - centre)^2) of one chunk, in parallel slices."""
+    a, lut = _prepare(x, None)
+    if not a.size:
+        return 0.0, 0.0, 0.0
+    c = float(centre)
+    nt = default_threads() if threads is None else max(1, int(threads))
+    parts = _run_parts(lambda lo, hi: _centred_part(a, lut, lo, hi, c), a.size, nt)
+    return tuple(float(sum(p[k] for p in parts)) for k in range(3))
 
 
 def centred_sums(x, centre: float, *, threads: int | None = None) -> tuple[float, float]:
@@ -174,17 +144,12 @@ def centred_sums(x, centre: float, *, threads: int | None = None) -> tuple[float
     The kernel behind :func:`ggprior.gg.fit.centred_sums` (pools of tensors, runtime hooks,
     :func:`ggprior.gg.fit`); NaN/Inf make a sum non-finite, as there.
     """
-    a, lut, use = _prepare(x, None)
-    if not a.size:
-        return 0.0, 0.0
-    c = float(centre)
-    nt = default_threads() if threads is None else max(1, int(threads))
+    return _centred(x, centre, threads)[1:]
 
-    def one(lo, hi):
-        return _centred_part_lut(a, lut, lo, hi, c) if use else _centred_part(a, lo, hi, c)
 
-    parts = _run_parts(one, a.size, nt)
-    return float(sum(p[0] for p in parts)), float(sum(p[1] for p in parts))
+def value_sum(x, *, threads: int | None = None) -> float:
+    """``sum(x)`` of one chunk in float64 (the mean pass of :func:`ggprior.gg.fit`; NaN/Inf give NaN/Inf)."""
+    return _centred(x, 0.0, threads)[0]
 
 
 def _run_parts(fn, n: int, threads: int) -> list:
@@ -197,30 +162,23 @@ def _run_parts(fn, n: int, threads: int) -> list:
         return list(ex.map(lambda b: fn(*b), bounds))
 
 
-def _sums(a, lut, use_lut, m, w, inv_h, threads):
+def _sums(a, lut, m, w, inv_h, threads):
     """(sum y, sum y^2, sum |y|, #y > 0, #y == 0, band counts, band sums) over one chunk, in parallel."""
     def one(lo, hi):
         cnt = np.zeros(BINS, dtype=np.int64)
         sm = np.zeros(BINS, dtype=np.float64)
-        if use_lut:
-            r = _part_lut(a, lut, lo, hi, m, w, inv_h, cnt, sm)
-        else:
-            r = _part(a, lo, hi, m, w, inv_h, cnt, sm)
-        return (*r, cnt, sm)
+        return (*_part(a, lut, lo, hi, m, w, inv_h, cnt, sm), cnt, sm)
 
     res = _run_parts(one, a.size, threads)
     return [sum(r[k] for r in res) for k in range(7)]
 
 
-def _abs_dev(a, lut, use_lut, mu, threads):
-    def one(lo, hi):
-        return _abs_part_lut(a, lut, lo, hi, mu) if use_lut else _abs_part(a, lo, hi, mu)
-
-    return sum(_run_parts(one, a.size, threads))
+def _abs_dev(a, lut, mu, threads):
+    return sum(p[1] for p in _run_parts(lambda lo, hi: _centred_part(a, lut, lo, hi, mu), a.size, threads))
 
 
-def _prepare(chunk, dtype: str | None) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(flat array for the kernels, lookup table, whether to use it) for one chunk."""
+def _prepare(chunk, dtype: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(flat array for the kernels, lookup table decoding its 16-bit codes, or None) for one chunk."""
     try:
         import torch
     except ImportError:  # pragma: no cover
@@ -228,28 +186,24 @@ def _prepare(chunk, dtype: str | None) -> tuple[np.ndarray, np.ndarray, bool]:
     if torch is not None and isinstance(chunk, torch.Tensor):
         t = chunk.detach().reshape(-1).cpu()
         if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(np.uint16), _BF16_LUT, True
+            return t.view(torch.int16).numpy().view(np.uint16), _BF16_LUT
         if t.dtype == torch.float16:
-            return t.view(torch.int16).numpy().view(np.uint16), _F16_LUT, True
+            return t.view(torch.int16).numpy().view(np.uint16), _F16_LUT
         if t.dtype in (torch.float32, torch.float64):
-            return t.numpy(), _NO_LUT, False
-        return t.to(torch.float32).numpy(), _NO_LUT, False
+            return t.numpy(), None
+        return t.to(torch.float32).numpy(), None
     a = np.asarray(chunk).reshape(-1)
     if dtype in ("bfloat16", "bf16"):
         if a.dtype != np.uint16:
             raise TypeError(f"bfloat16 input must be a uint16 view, got {a.dtype}")
-        return a, _BF16_LUT, True
+        return a, _BF16_LUT
     if a.dtype == np.float16:
-        return a.view(np.uint16), _F16_LUT, True
+        return a.view(np.uint16), _F16_LUT
     if a.dtype in (np.float32, np.float64):
-        return a, _NO_LUT, False
+        return a, None
     if a.dtype.kind in "iub":
-        return a.astype(np.float32), _NO_LUT, False
+        return a.astype(np.float32), None
     raise TypeError(f"cannot fit values of dtype {a.dtype}")
-
-
-def _as_float64(a: np.ndarray, lut: np.ndarray, use_lut: bool) -> np.ndarray:
-    return lut[a].astype(np.float64) if use_lut else a.astype(np.float64)
 
 
 def _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm) -> float | None:
@@ -308,19 +262,21 @@ def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads
     n = 0
     tot = [0.0, 0.0, 0.0, 0, 0, np.zeros(BINS, dtype=np.int64), np.zeros(BINS)]
     nt = default_threads() if threads is None else max(1, int(threads))
-    for a, lut, use in stream():
+    for a, lut in stream():
         if n == 0:
             # the provisional centre m and the band's half-width w, from a strided subsample of the first chunk
-            sub = _as_float64(a[:: max(1, a.size // SUBSAMPLE)], lut, use)
-            sub = sub[np.isfinite(sub)]
-            m = float(sub.mean()) if sub.size else 0.0
-            spread = float(sub.std()) if sub.size else 0.0
+            sub = a[:: max(8, a.size // SUBSAMPLE)]  # a strided view (no copy) of at most 1/8 of the chunk
+            s1, _, s2 = _centred_part(sub, lut, 0, sub.size, _value(sub, lut, 0))  # shifted: no cancellation
+            m = _value(sub, lut, 0) + s1 / sub.size
+            spread = math.sqrt(max(s2 / sub.size - (s1 / sub.size) ** 2, 0.0))
+            if not (math.isfinite(m) and math.isfinite(spread)):
+                m = spread = 0.0  # NaN/Inf in the subsample: the pass below finds them and raises
             w = BAND_SIGMAS * spread if spread > 0 else max(abs(m), 1.0) * 1e-3
             if abs(m) <= 0.25 * w:
                 m = 0.0  # exact zeros (sparse weights) then sit at y = 0, outside the band
             h = 2 * w / BINS
         n += a.size
-        r = _sums(a, lut, use, m, w, 1.0 / h, nt)
+        r = _sums(a, lut, m, w, 1.0 / h, nt)
         tot = [t + v for t, v in zip(tot, r, strict=True)]
     if n == 0:
         return acc.fit()  # raises the same error as gg.fit
@@ -332,7 +288,7 @@ def fit_moments(data, *, name: str = "tensor", dtype: str | None = None, threads
     abs_dev = _abs_dev_from_band(d, w, h, sa, pos, zero, n, cnt, sm)
     if abs_dev is None:
         mu = m + d
-        abs_dev = sum(_abs_dev(a, lut, use, mu, nt) for a, lut, use in stream())
+        abs_dev = sum(_abs_dev(a, lut, mu, nt) for a, lut in stream())
     acc.n = acc.n2 = n
     acc.s1 = (m + d) * n
     acc.abs_dev = abs_dev
