@@ -56,6 +56,14 @@ def test_gamma_from_ratio_inverts_rho(gamma):
     assert not at_bound
 
 
+@given(st.floats(min_value=1.0, max_value=1e6))
+def test_gamma_from_ratio_scalar_path_equals_the_vectorised_one(ratio):
+    got, at_bound = gg.gamma_from_ratio(ratio)
+    vec, vec_bound = gg.gamma_from_ratio(np.array([ratio, 2.0]))
+    assert got == pytest.approx(vec[0], rel=1e-12)
+    assert at_bound == vec_bound[0]
+
+
 def test_gamma_from_ratio_bounds_and_vectorised():
     assert gg.gamma_from_ratio(4 / 3) == (gg.GAMMA_MAX, True)
     assert gg.gamma_from_ratio(1.0) == (gg.GAMMA_MAX, True)
