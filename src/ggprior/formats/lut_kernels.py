@@ -1,0 +1,150 @@
+"""Fused decode-and-multiply for the 8-bit weight formats: ``y = x @ (table[codes] * scale)^T``.
+
+Every 8-bit format of the registry (rf8, rf8-round, rf8-authors, the four fp8 and int8) decodes a
+code through a 256-entry float32 table, times a scale per tensor or per output row. These kernels
+keep the weight as its 1-byte codes:
+
+* one input row (batch 1): :func:`_gemv` reads each code once and multiplies on the fly
+  (numba, vectorized gathers from the 1 KiB table), never writing a decoded weight;
+* several rows: :func:`_decode_rows` decodes ``block_rows`` rows of the weight into a small
+  float32 scratch buffer, which ``torch.mm`` multiplies against the whole batch; the buffer is
+  reused block after block, so at most ``block_rows x in_features`` values are ever decoded.
+
+CPU and float32 only; :class:`~ggprior.formats.layers.QuantLinear` falls back to decode-then-matmul
+in torch elsewhere (CUDA, fp16/bf16 inputs, a gradient wanted for the input). Numba runs on
+``numba.get_num_threads()`` threads and ``torch.mm`` on ``torch.get_num_threads()``
+(:func:`ggprior.threads.configure_threads` sets both). Registered as the custom op
+``ggprior::lut_linear``, which ``torch.compile`` keeps as one opaque call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from . import lut_vbmi
+from .registry import FORMATS, QTensor
+
+PARALLEL_MIN_ELEMS = 1 << 16  # below this many weights a parallel launch costs more than it saves
+
+
+def _gemv_py(codes: np.ndarray, table: np.ndarray, scale: np.ndarray, x: np.ndarray, bias: np.ndarray,
+             out: np.ndarray) -> None:
+    """out[j] = scale[j or 0] * sum_i x[i] * table[codes[j, i]] + bias[j]."""
+    per_row = scale.shape[0] > 1
+    for j in prange(codes.shape[0]):
+        row = codes[j]
+        acc = np.float32(0.0)
+        for i in range(row.shape[0]):
+            acc += x[i] * table[row[i]]
+        out[j] = acc * scale[j if per_row else 0] + bias[j]
+
+
+def _decode_rows_py(codes: np.ndarray, table: np.ndarray, scale: np.ndarray, start: int, out: np.ndarray) -> None:
+    """out[r, i] = table[codes[start + r, i]] * scale[start + r or 0], for the rows of ``out``."""
+    per_row = scale.shape[0] > 1
+    for r in prange(out.shape[0]):
+        row = codes[start + r]
+        s = scale[start + r if per_row else 0]
+        dst = out[r]
+        for i in range(row.shape[0]):
+            dst[i] = table[row[i]] * s
+
+
+# one source, compiled serial and parallel (prange runs as range in the serial build)
+_gemv = (njit(fastmath=True, cache=True, nogil=True)(_gemv_py),
+         njit(parallel=True, fastmath=True, cache=True, nogil=True)(_gemv_py))
+_decode_rows = (njit(cache=True, nogil=True)(_decode_rows_py),
+                njit(parallel=True, cache=True, nogil=True)(_decode_rows_py))
+
+_TABLES: dict[str, torch.Tensor] = {}
+_VBMI = {"enabled": lut_vbmi.available()}
+
+
+def use_vbmi(enabled: bool | None = None) -> bool:
+    """Whether the AVX-512 VBMI kernels (:mod:`.lut_vbmi`) serve :func:`lut_linear`; ``enabled``
+    switches them off (or back on where the CPU has VBMI), e.g. to test the numba gathers."""
+    if enabled is not None:
+        _VBMI["enabled"] = enabled and lut_vbmi.available()
+    return _VBMI["enabled"]
+
+
+def lut_table(fmt: str) -> torch.Tensor | None:
+    """The 256 float32 values of an 8-bit format's codes (index = the code's byte, unscaled), built
+    with the format's own decoder; None for the 16-bit formats."""
+    if fmt in _TABLES:
+        return _TABLES[fmt]
+    f = FORMATS[fmt]
+    if f.bits != 8:
+        return None
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(f.storage).reshape(256, 1)
+    scale = {"none": None, "tensor": torch.ones(()), "channel": torch.ones(256)}[f.scale]
+    _TABLES[fmt] = f.dequantize(QTensor(codes, scale), torch.float32).reshape(256).contiguous()
+    return _TABLES[fmt]
+
+
+def _parallel(elems: int) -> int:
+    return int(numba.get_num_threads() > 1 and elems >= PARALLEL_MIN_ELEMS)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n)
+
+
+def _lut_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None, block_rows: int) -> torch.Tensor:
+    n_out, n_in = codes.shape
+    codes, scale, x = codes.view(torch.uint8), scale.view(-1), x.detach()
+    bias = _zeros(n_out) if bias is None else bias.detach()
+    vbmi = use_vbmi()
+    if x.shape[0] == 1:
+        out = torch.empty(1, n_out)
+        if vbmi:
+            lut_vbmi.gemv(codes, table, scale, x, bias, out)
+        else:
+            _gemv[_parallel(codes.numel())](codes.numpy(), table.numpy(), scale.numpy(), x.numpy()[0],
+                                            bias.numpy(), out.numpy()[0])
+        return out
+    if vbmi:  # lut_vbmi.decode writes the columns in its own order: take x's in the same
+        x = x.index_select(1, lut_vbmi.column_order(n_in))
+    rows = max(1, min(block_rows, n_out))
+    scratch = torch.empty(rows, n_in)
+    out_t = torch.empty(n_out, x.shape[0])  # y^T: a block of weight rows is a contiguous block of rows here
+    for start in range(0, n_out, rows):
+        stop = min(start + rows, n_out)
+        block = scratch[:stop - start]
+        if vbmi:
+            lut_vbmi.decode(codes[start:stop], table, scale[start:stop] if scale.numel() > 1 else scale, block)
+        else:
+            _decode_rows[_parallel(codes.numel())](codes.numpy(), table.numpy(), scale.numpy(), start, block.numpy())
+        torch.addmm(bias[start:stop, None], block, x.t(), out=out_t[start:stop])
+    return out_t.t().contiguous()
+
+
+_lut_linear_op = torch.library.custom_op("ggprior::lut_linear", _lut_linear, mutates_args=())
+
+
+@_lut_linear_op.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+      block_rows: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+def lut_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None, block_rows: int) -> torch.Tensor:
+    """``x`` (N x in, float32, CPU) times the weight ``table[codes] * scale`` transposed, plus ``bias``
+    -> N x out. No gradient flows (the layer adds a bias that trains itself).
+
+    ``codes``: out x in, contiguous uint8 or int8 (read as bytes); ``table``: 256 float32 values
+    (contiguous, never written after the first call); ``scale``: contiguous float32, one value (per tensor) or one per output row; ``bias``: float32 of ``out``
+    or None; ``block_rows``: weight rows decoded at a time when N > 1. Eager calls run the kernels
+    directly (the custom op's dispatch costs ~8 us, as much as the whole batch-1 product of a
+    384x384 layer); under ``torch.compile``, the custom op.
+    """
+    fn = _lut_linear_op if torch.compiler.is_compiling() else _lut_linear
+    return fn(x.contiguous(), codes, table, scale, bias, block_rows)
