@@ -96,32 +96,46 @@ def _zeros(n: int) -> torch.Tensor:
     return torch.zeros(n)
 
 
+def _check(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
+           bias: torch.Tensor | None) -> None:
+    """The kernels read raw memory: refuse any argument that does not fit (``ValueError``)."""
+    n_out, n_in = codes.shape
+    ok = (x.dim() == 2 and x.shape[1] == n_in and x.dtype == torch.float32 and codes.element_size() == 1
+          and table.dtype == torch.float32 and table.numel() == 256 and scale.dtype == torch.float32
+          and scale.numel() in (1, n_out) and (bias is None or (bias.dtype == torch.float32 and bias.numel() == n_out))
+          and x.is_cpu and codes.is_cpu and table.is_cpu and scale.is_cpu and codes.is_contiguous()
+          and table.is_contiguous() and scale.is_contiguous() and (bias is None or bias.is_contiguous()))
+    if not ok:
+        raise ValueError(f"lut_linear: arguments do not fit: x {tuple(x.shape)} {x.dtype} {x.device}, codes "
+                         f"{tuple(codes.shape)} {codes.dtype}, table {table.numel()} {table.dtype}, scale "
+                         f"{scale.numel()} {scale.dtype}, bias {None if bias is None else (bias.numel(), bias.dtype)}")
+
+
 def _lut_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None, block_rows: int) -> torch.Tensor:
+    _check(x, codes, table, scale, bias)
     n_out, n_in = codes.shape
-    codes, scale, x = codes.view(torch.uint8), scale.view(-1), x.detach()
-    bias = _zeros(n_out) if bias is None else bias.detach()
-    vbmi = use_vbmi()
+    bias = _zeros(n_out) if bias is None else bias
+    if codes.dtype != torch.uint8:
+        codes = codes.view(torch.uint8)
+    if use_vbmi():
+        out = torch.empty(x.shape[0], n_out)
+        lut_vbmi.linear(x, codes, table, scale, bias, out)
+        return out
+    x = x.detach()
+    c, t, s, b = codes.numpy(), table.numpy(), scale.reshape(-1).numpy(), bias.detach().numpy()
+    par = _parallel(codes.numel())
     if x.shape[0] == 1:
         out = torch.empty(1, n_out)
-        if vbmi:
-            lut_vbmi.gemv(codes, table, scale, x, bias, out)
-        else:
-            _gemv[_parallel(codes.numel())](codes.numpy(), table.numpy(), scale.numpy(), x.numpy()[0],
-                                            bias.numpy(), out.numpy()[0])
+        _gemv[par](c, t, s, x.numpy()[0], b, out.numpy()[0])
         return out
-    if vbmi:  # lut_vbmi.decode writes the columns in its own order: take x's in the same
-        x = x.index_select(1, lut_vbmi.column_order(n_in))
     rows = max(1, min(block_rows, n_out))
     scratch = torch.empty(rows, n_in)
     out_t = torch.empty(n_out, x.shape[0])  # y^T: a block of weight rows is a contiguous block of rows here
     for start in range(0, n_out, rows):
         stop = min(start + rows, n_out)
         block = scratch[:stop - start]
-        if vbmi:
-            lut_vbmi.decode(codes[start:stop], table, scale[start:stop] if scale.numel() > 1 else scale, block)
-        else:
-            _decode_rows[_parallel(codes.numel())](codes.numpy(), table.numpy(), scale.numpy(), start, block.numpy())
+        _decode_rows[par](c, t, s, start, block.numpy())
         torch.addmm(bias[start:stop, None], block, x.t(), out=out_t[start:stop])
     return out_t.t().contiguous()
 

@@ -4,16 +4,16 @@ A 256-entry float32 table is four 256-byte planes (byte k of every value). ``vpe
 64 bytes at once in a 128-byte half plane, so 8 permutes and 4 blends (on the code's top bit)
 give the four bytes of 64 values; ``vpunpck{l,h}{bw,wd}`` interleave them into four vectors of 16
 float32. The interleave leaves value ``e`` of a 64-block at position ``(e % 16) // 4 * 16 +
-(e // 16) * 4 + e % 4``: rather than shuffling it back, the kernels take the input's columns in
-the same order (:func:`column_order`): ``gemv`` copies ``x`` so once a call, ``decode`` writes
-its rows in that order and the caller permutes the columns of ``x`` to match. Columns past the last
+(e // 16) * 4 + e % 4`` (bits 2-3 and 4-5 of ``e`` swapped): rather than shuffling it back, the
+kernels copy the input rows into that order once a call. Columns past the last
 full block of 64 are decoded one by one from the float table, in natural order.
 
-Two kernels, written in LLVM IR and compiled by llvmlite (numba's LLVM) for the host CPU on first
-use: ``gemv`` (one input row: ``out[r] = scale * sum_i x[i] * table[codes[r, i]] + bias[r]``,
-nothing stored but ``out``) and ``decode`` (rows of ``table[codes] * scale`` into a float32 buffer, the
-columns in kernel order). Only where the CPU has AVX-512 VBMI (:func:`available`; Intel Ice Lake
-and later, AMD Zen 4 and later); :mod:`.lut_kernels` uses its numba gathers elsewhere.
+The kernels ``gemm1`` .. ``gemm8``, written in LLVM IR and compiled by llvmlite (numba's LLVM) for
+the host CPU on first use, take 1 to 8 input rows: they copy them in kernel order, then per weight
+row decode each block of 64 codes once and multiply it into one accumulator per input row. No
+decoded weight is ever stored; :func:`linear` runs a batch 8 rows at a time. Only where the CPU
+has AVX-512 VBMI (:func:`available`; Intel Ice Lake and later, AMD Zen 4 and later);
+:mod:`.lut_kernels` uses its numba gathers elsewhere.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import ctypes
 import functools
 
 import torch
+
+MAX_ROWS = 8  # input rows a kernel call takes (one accumulator each, beside the 16 plane registers)
 
 _BLOCK = """
   %cp = getelementptr i8, ptr %rowp, i64 %i
@@ -42,49 +44,55 @@ _BLOCK = """
   %f3 = bitcast <64 x i8> %d3 to <16 x float>
 """
 
-# One function: rows r of codes (rows x cols, row stride cols); per row, a loop over blocks of 64
-# then a scalar tail; %scale[r * per_row] scales the row. {body} / {tail} / {row_end} differ.
-_FUNC = """
-define void @{name}(ptr %codes, i64 %rows, i64 %cols, ptr %planes, ptr %table, ptr %scale, i64 %per_row,
-                    ptr %x, ptr %xp, ptr %bias, ptr %out) {{
+# gemm{nb}: nb input rows x (row stride cols) against every weight row r: first the nb rows are
+# copied to xp in kernel order, then per weight row a loop over blocks of 64 columns (decode once,
+# one FMA chain per input row) and a scalar tail; out[b * ostride + r] = sum * scale + bias[r].
+_GEMM = """
+define void @gemm{nb}(ptr %codes, i64 %rows, i64 %cols, ptr %planes, ptr %table, ptr %scale, i64 %per_row,
+                    ptr %x, ptr %xp, ptr %bias, ptr %out, i64 %ostride) {{
 entry:
 {ploads}
   %c64 = and i64 %cols, -64
-  %hasx = icmp ne ptr %x, null
-  %pn = select i1 %hasx, i64 %c64, i64 0
+  br label %pouter
+pouter:
+  %pb = phi i64 [0, %entry], [%pbn, %pnext]
+  %pbmore = icmp slt i64 %pb, {nb}
+  br i1 %pbmore, label %prow, label %rowloop
+prow:
+  %poff = mul i64 %pb, %cols
+  %pxr = getelementptr float, ptr %x, i64 %poff
+  %pxpr = getelementptr float, ptr %xp, i64 %poff
   br label %ploop
-ploop:  ; xp[q] = x[q in kernel order], for the full blocks of 64 (gemv; none for decode)
-  %q = phi i64 [0, %entry], [%qn, %pbody]
-  %pmore = icmp slt i64 %q, %pn
-  br i1 %pmore, label %pbody, label %rowstart
-pbody:
-  %qb = and i64 %q, -64
-  %e1 = and i64 %q, 12
-  %e2 = shl i64 %e1, 2
-  %e3 = and i64 %q, 48
-  %e4 = lshr i64 %e3, 2
-  %e5 = and i64 %q, 3
-  %e6 = or i64 %e2, %e4
-  %e7 = or i64 %e6, %e5
-  %src = or i64 %qb, %e7
-  %psp = getelementptr float, ptr %x, i64 %src
+ploop:
+  %q = phi i64 [0, %prow], [%qn, %pbody]
+  %pmore = icmp slt i64 %q, %c64
+  br i1 %pmore, label %pbody, label %pnext
+pbody:  ; xp[q] = x[the column kernel position q holds]: swap bits 2-3 and 4-5 of q
+  %e1 = and i64 %q, -64
+  %e2 = and i64 %q, 12
+  %e3 = shl i64 %e2, 2
+  %e4 = and i64 %q, 48
+  %e5 = lshr i64 %e4, 2
+  %e6 = and i64 %q, 3
+  %e7 = or i64 %e1, %e3
+  %e8 = or i64 %e7, %e5
+  %src = or i64 %e8, %e6
+  %psp = getelementptr float, ptr %pxr, i64 %src
   %pxv = load float, ptr %psp
-  %pdp = getelementptr float, ptr %xp, i64 %q
+  %pdp = getelementptr float, ptr %pxpr, i64 %q
   store float %pxv, ptr %pdp
   %qn = add i64 %q, 1
   br label %ploop
-rowstart:
-  br label %rowloop
+pnext:
+  %pbn = add i64 %pb, 1
+  br label %pouter
 rowloop:
-  %r = phi i64 [0, %rowstart], [%rnext, %rowend]
+  %r = phi i64 [0, %pouter], [%rnext, %rowend]
   %rdone = icmp sge i64 %r, %rows
   br i1 %rdone, label %exit, label %rowbody
 rowbody:
   %rowoff = mul i64 %r, %cols
   %rowp = getelementptr i8, ptr %codes, i64 %rowoff
-  %si = mul i64 %r, %per_row
-  %sp = getelementptr float, ptr %scale, i64 %si
-  %s = load float, ptr %sp
   br label %loop
 loop:
   %i = phi i64 [0, %rowbody], [%inext, %body]
@@ -93,11 +101,16 @@ loop:
   br i1 %more, label %body, label %tail
 body:
 {block}
-{body}
+{fmas}
   %inext = add i64 %i, 64
   br label %loop
 tail:
-{tail_start}
+  %si = mul i64 %r, %per_row
+  %sp = getelementptr float, ptr %scale, i64 %si
+  %s = load float, ptr %sp
+  %bp = getelementptr float, ptr %bias, i64 %r
+  %bv = load float, ptr %bp
+{reduce}
   br label %tloop
 tloop:
   %j = phi i64 [%c64, %tail], [%jnext, %tbody]
@@ -122,38 +135,41 @@ exit:
 }}
 """
 
-_GEMV = dict(
-    name="gemv",
-    acc_phis="\n".join(f"  %a{v} = phi <16 x float> [zeroinitializer, %rowbody], [%n{v}, %body]" for v in range(4)),
-    body="\n".join(f"  %xq{v} = getelementptr float, ptr %xp, i64 %i\n  %xr{v} = getelementptr float, ptr %xq{v}, i64 {16 * v}\n"
-                   f"  %xv{v} = load <16 x float>, ptr %xr{v}, align 4\n"
-                   f"  %n{v} = call <16 x float> @llvm.fma.v16f32(<16 x float> %xv{v}, <16 x float> %f{v}, <16 x float> %a{v})"
-                   for v in range(4)),
-    tail_start="  %s01 = fadd <16 x float> %a0, %a1\n  %s23 = fadd <16 x float> %a2, %a3\n"
-               "  %sv = fadd <16 x float> %s01, %s23\n"
-               "  %vsum = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, <16 x float> %sv)",
-    tail_phis="  %acc = phi float [%vsum, %tail], [%acc2, %tbody]",
-    tail_body="  %txp = getelementptr float, ptr %x, i64 %j\n  %tx = load float, ptr %txp\n"
-              "  %acc2 = call float @llvm.fma.f32(float %tx, float %tv, float %acc)",
-    row_end="  %bp = getelementptr float, ptr %bias, i64 %r\n  %b = load float, ptr %bp\n"
-            "  %res = call float @llvm.fma.f32(float %acc, float %s, float %b)\n"
-            "  %op = getelementptr float, ptr %out, i64 %r\n  store float %res, ptr %op",
-)
 
-_DECODE = dict(
-    name="decode",
-    acc_phis="",
-    body="  %si0 = insertelement <16 x float> poison, float %s, i64 0\n"
-         "  %sv = shufflevector <16 x float> %si0, <16 x float> poison, <16 x i32> zeroinitializer\n"
-         "  %ob = getelementptr float, ptr %out, i64 %rowoff\n  %oi = getelementptr float, ptr %ob, i64 %i\n"
-         + "\n".join(f"  %m{v} = fmul <16 x float> %f{v}, %sv\n  %o{v} = getelementptr float, ptr %oi, i64 {16 * v}\n"
-                     f"  store <16 x float> %m{v}, ptr %o{v}, align 4" for v in range(4)),
-    tail_start="",
-    tail_phis="",
-    tail_body="  %tm = fmul float %tv, %s\n  %tob = getelementptr float, ptr %out, i64 %rowoff\n"
-              "  %top = getelementptr float, ptr %tob, i64 %j\n  store float %tm, ptr %top",
-    row_end="",
-)
+def _gemm(nb: int, ploads: str, block: str) -> str:
+    """The IR of ``gemm{nb}``: ``nb`` input rows at once, ``4 // nb`` (at least one) 16-float FMA
+    chains each, so that at least four chains hide the FMA latency."""
+    chains = max(1, 4 // nb)
+    acc_phis, fmas, reduce, tail_phis, tail_body, row_end = [], [], [], [], [], []
+    for b in range(nb):
+        last = {k: f"%a{b}c{k}" for k in range(chains)}
+        acc_phis += [f"  %a{b}c{k} = phi <16 x float> [zeroinitializer, %rowbody], [%a{b}v{3 - (3 - k) % chains}, %body]"
+                     for k in range(chains)]
+        fmas.append(f"  %xb{b} = mul i64 %cols, {b}\n  %xi{b} = add i64 %xb{b}, %i")
+        for v in range(4):
+            fmas.append(f"  %xr{b}v{v} = getelementptr float, ptr %xp, i64 %xi{b}\n"
+                        f"  %xq{b}v{v} = getelementptr float, ptr %xr{b}v{v}, i64 {16 * v}\n"
+                        f"  %xv{b}v{v} = load <16 x float>, ptr %xq{b}v{v}, align 4\n"
+                        f"  %a{b}v{v} = call <16 x float> @llvm.fma.v16f32(<16 x float> %xv{b}v{v}, "
+                        f"<16 x float> %f{v}, <16 x float> {last[v % chains]})")
+            last[v % chains] = f"%a{b}v{v}"
+        total = f"%a{b}c0"
+        for k in range(1, chains):
+            reduce.append(f"  %a{b}s{k} = fadd <16 x float> {total}, %a{b}c{k}")
+            total = f"%a{b}s{k}"
+        reduce.append(f"  %sum{b} = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, <16 x float> {total})")
+        tail_phis.append(f"  %t{b} = phi float [%sum{b}, %tail], [%t{b}n, %tbody]")
+        tail_body.append(f"  %tx{b}i = add i64 %xb{b}t, %j\n  %tx{b}p = getelementptr float, ptr %x, i64 %tx{b}i\n"
+                         f"  %tx{b} = load float, ptr %tx{b}p\n"
+                         f"  %t{b}n = call float @llvm.fma.f32(float %tx{b}, float %tv, float %t{b})")
+        reduce.append(f"  %xb{b}t = mul i64 %cols, {b}")
+        row_end.append(f"  %res{b} = call float @llvm.fma.f32(float %t{b}, float %s, float %bv)\n"
+                       f"  %ob{b} = mul i64 %ostride, {b}\n  %oi{b} = add i64 %ob{b}, %r\n"
+                       f"  %op{b} = getelementptr float, ptr %out, i64 %oi{b}\n  store float %res{b}, ptr %op{b}")
+    return _GEMM.format(nb=nb, ploads=ploads, block=block, acc_phis="\n".join(acc_phis), fmas="\n".join(fmas),
+                        reduce="\n".join(reduce), tail_phis="\n".join(tail_phis), tail_body="\n".join(tail_body),
+                        row_end="\n".join(row_end))
+
 
 _DECLS = """
 declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)
@@ -190,7 +206,7 @@ def _ir() -> str:
                           w23h=_shuffle("%B2", "%B3", _unpack(1, 1)), d0=_shuffle("%w01l", "%w23l", _unpack(2, 0)),
                           d1=_shuffle("%w01l", "%w23l", _unpack(2, 1)), d2=_shuffle("%w01h", "%w23h", _unpack(2, 0)),
                           d3=_shuffle("%w01h", "%w23h", _unpack(2, 1)))
-    return _DECLS + "".join(_FUNC.format(ploads=ploads, block=block, **f) for f in (_GEMV, _DECODE))
+    return _DECLS + "".join(_gemm(nb, ploads, block) for nb in range(1, MAX_ROWS + 1))
 
 
 def available() -> bool:
@@ -202,12 +218,12 @@ def available() -> bool:
 
 
 _ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
 @functools.cache
 def _kernels() -> tuple:
-    """(engine, gemv, decode): compiled once per process (about 0.1 s)."""
+    """(engine, gemm1, ..., gemm8): compiled once per process (about 0.3 s)."""
     import llvmlite.binding as ll
 
     ll.initialize_native_target()
@@ -221,17 +237,7 @@ def _kernels() -> tuple:
     engine = ll.create_mcjit_compiler(mod, tm)
     engine.finalize_object()
     fn = ctypes.CFUNCTYPE(None, *_ARGS)
-    return engine, fn(engine.get_function_address("gemv")), fn(engine.get_function_address("decode"))
-
-
-@functools.lru_cache(maxsize=64)
-def column_order(cols: int) -> torch.Tensor:
-    """The input column each kernel column holds: ``x[..., column_order(cols)]`` is ``x`` in kernel order."""
-    e = torch.arange(64)
-    block = torch.empty(64, dtype=torch.int64)
-    block[(e % 16) // 4 * 16 + (e // 16) * 4 + e % 4] = e
-    full = cols - cols % 64
-    return torch.cat([(torch.arange(0, full, 64)[:, None] + block).reshape(-1), torch.arange(full, cols)])
+    return (engine, *(fn(engine.get_function_address(f"gemm{nb}")) for nb in range(1, MAX_ROWS + 1)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -241,27 +247,18 @@ def _planes(table: torch.Tensor) -> torch.Tensor:
     return table.view(torch.uint8).reshape(256, 4).t().contiguous()
 
 
-def _call(which: int, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, x: torch.Tensor | None,
-          bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """Run kernel ``which`` (1 gemv, 2 decode); pointers from ``data_ptr`` (``ndarray.ctypes`` costs ~1 us each)."""
-    if codes.dtype != torch.uint8 or not codes.is_contiguous() or table.dtype != torch.float32 or table.shape != (256,):
-        raise TypeError("lut_vbmi: expects contiguous uint8 codes and a float32 table of 256")
+def linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+           out: torch.Tensor) -> None:
+    """out[b, r] = scale[r or 0] * sum_i x[b, i] * table[codes[r, i]] + bias[r], :data:`MAX_ROWS`
+    input rows a kernel call. All contiguous on CPU: ``x`` (N x in) float32, ``codes`` (out x in)
+    uint8, ``table`` 256 float32, ``scale`` 1 or out float32, ``bias`` and ``out`` (N x out) float32
+    (the caller checks: the kernels read raw pointers)."""
     rows, cols = codes.shape
-    xp = None if x is None else torch.empty(cols)  # gemv's x in kernel order (kept alive through the call)
-    _kernels()[which](codes.data_ptr(), rows, cols, _planes(table).data_ptr(), table.data_ptr(),
-                      scale.data_ptr(), int(scale.numel() > 1), 0 if x is None else x.data_ptr(),
-                      0 if xp is None else xp.data_ptr(),
-                      0 if bias is None else bias.data_ptr(), out.data_ptr())
-
-
-def gemv(codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
-         out: torch.Tensor) -> None:
-    """out[r] = scale[r or 0] * sum_i x[i] * table[codes[r, i]] + bias[r] (the kernel puts ``x`` in
-    :func:`column_order` itself); all float32, contiguous, on CPU; ``bias`` and ``out`` of ``codes.shape[0]``."""
-    _call(1, codes, table, scale, x, bias, out)
-
-
-def decode(codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    """out[r] = table[codes[r]] * scale[r or 0], columns in :func:`column_order`; ``out`` float32,
-    contiguous, ``codes``' shape."""
-    _call(2, codes, table, scale, None, None, out)
+    n = x.shape[0]
+    xp = torch.empty(min(n, MAX_ROWS) * cols)  # the input rows in kernel order
+    kernels = _kernels()
+    args = (codes.data_ptr(), rows, cols, _planes(table).data_ptr(), table.data_ptr(), scale.data_ptr(),
+            int(scale.numel() > 1))
+    xa, oa, ba = x.data_ptr(), out.data_ptr(), bias.data_ptr()
+    for b in range(0, n, MAX_ROWS):  # float32: 4 bytes a value
+        kernels[min(MAX_ROWS, n - b)](*args, xa + 4 * b * cols, xp.data_ptr(), ba, oa + 4 * b * rows, rows)
