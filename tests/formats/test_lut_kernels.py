@@ -157,3 +157,18 @@ def test_torch_compile_traces_the_fused_path_as_one_op(kernel):
     compiled = torch.compile(layer, backend="eager", fullgraph=True)  # fullgraph: no graph break allowed
     with torch.no_grad():
         assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+
+
+def test_vbmi_threads_split_the_rows_without_changing_the_result(kernel):
+    if kernel != "vbmi":
+        pytest.skip("the VBMI kernels' thread pool")
+    layer = _layer("int8", 130, 200)
+    x = torch.randn(11, 130)
+    args = (x, layer.weight_codes.view(torch.uint8), lut_kernels.lut_table("int8"), layer.weight_scale,
+            layer.bias.detach())
+    outs = [torch.empty(11, 200) for _ in range(3)]
+    for threads, out in zip((1, 2, 3), outs, strict=True):
+        lut_kernels.lut_vbmi.linear(*args, out, threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with torch.no_grad():
+        assert (outs[0] - layer.reference_forward(x)).abs().le(_tolerance(x, layer) + 1e-6).all()

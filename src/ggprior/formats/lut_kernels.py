@@ -1,20 +1,23 @@
-"""Fused decode-and-multiply for the 8-bit weight formats: ``y = x @ (table[codes] * scale)^T``.
+"""Fused decode-and-multiply for the 8-bit weight formats: ``y = x @ (table[codes] * scale)^T + bias``.
 
 Every 8-bit format of the registry (rf8, rf8-round, rf8-authors, the four fp8 and int8) decodes a
-code through a 256-entry float32 table, times a scale per tensor or per output row. These kernels
-keep the weight as its 1-byte codes:
+code through a 256-entry float32 table (:func:`lut_table`, built with the format's own decoder),
+times a scale per tensor or per output row. :func:`lut_linear` keeps the weight as its 1-byte codes:
 
-* one input row (batch 1): :func:`_gemv` reads each code once and multiplies on the fly
-  (numba, vectorized gathers from the 1 KiB table), never writing a decoded weight;
-* several rows: :func:`_decode_rows` decodes ``block_rows`` rows of the weight into a small
-  float32 scratch buffer, which ``torch.mm`` multiplies against the whole batch; the buffer is
-  reused block after block, so at most ``block_rows x in_features`` values are ever decoded.
+* where the CPU has AVX-512 VBMI (:mod:`.lut_vbmi`, :func:`use_vbmi`): table lookups by byte
+  permutes, 64 codes a step, each decoded block multiplied into up to 8 input rows at once; no
+  decoded weight is ever stored;
+* elsewhere, numba gathers from the 1 KiB table: one input row by :func:`_gemv` (each code read
+  once, multiplied on the fly); several by :func:`_decode_rows`, which decodes ``block_rows``
+  weight rows into a small float32 buffer that ``torch.addmm`` multiplies against the whole
+  batch, block after block.
 
 CPU and float32 only; :class:`~ggprior.formats.layers.QuantLinear` falls back to decode-then-matmul
-in torch elsewhere (CUDA, fp16/bf16 inputs, a gradient wanted for the input). Numba runs on
-``numba.get_num_threads()`` threads and ``torch.mm`` on ``torch.get_num_threads()``
-(:func:`ggprior.threads.configure_threads` sets both). Registered as the custom op
-``ggprior::lut_linear``, which ``torch.compile`` keeps as one opaque call.
+in torch elsewhere (CUDA, fp16/bf16 inputs, a gradient wanted for the input). Threads: the VBMI
+kernels split the weight rows among ``torch.get_num_threads()`` threads, the numba kernels run on
+``numba.get_num_threads()`` (:func:`ggprior.threads.configure_threads` sets both), for weights of
+at least ``THREADS_MIN_ELEMS`` / ``PARALLEL_MIN_ELEMS``. Registered as the custom op ``ggprior::lut_linear``, which
+``torch.compile`` keeps as one opaque call.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from numba import njit, prange
 from . import lut_vbmi
 from .registry import FORMATS, QTensor
 
-PARALLEL_MIN_ELEMS = 1 << 16  # below this many weights a parallel launch costs more than it saves
+PARALLEL_MIN_ELEMS = 1 << 16  # numba: below this many weights a parallel launch costs more than it saves
+THREADS_MIN_ELEMS = 1 << 20  # VBMI: a thread pool's round trip (~40 us) is worth it from about here
 
 
 def _gemv_py(codes: np.ndarray, table: np.ndarray, scale: np.ndarray, x: np.ndarray, bias: np.ndarray,
@@ -88,12 +92,18 @@ def lut_table(fmt: str) -> torch.Tensor | None:
 
 
 def _parallel(elems: int) -> int:
+    """1 (the parallel numba build) for a large weight where numba has several threads, else 0."""
     return int(numba.get_num_threads() > 1 and elems >= PARALLEL_MIN_ELEMS)
+
+
+def _threads(elems: int) -> int:
+    """Threads for the VBMI kernels: torch's intra-op count for a large weight, else 1."""
+    return torch.get_num_threads() if elems >= THREADS_MIN_ELEMS else 1
 
 
 @functools.lru_cache(maxsize=64)
 def _zeros(n: int) -> torch.Tensor:
-    return torch.zeros(n)
+    return torch.zeros(n, dtype=torch.float32)
 
 
 def _check(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
@@ -104,7 +114,7 @@ def _check(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: tor
           and table.dtype == torch.float32 and table.numel() == 256 and scale.dtype == torch.float32
           and scale.numel() in (1, n_out) and (bias is None or (bias.dtype == torch.float32 and bias.numel() == n_out))
           and x.is_cpu and codes.is_cpu and table.is_cpu and scale.is_cpu and codes.is_contiguous()
-          and table.is_contiguous() and scale.is_contiguous() and (bias is None or bias.is_contiguous()))
+          and table.is_contiguous() and scale.is_contiguous() and (bias is None or (bias.is_contiguous() and bias.is_cpu)))
     if not ok:
         raise ValueError(f"lut_linear: arguments do not fit: x {tuple(x.shape)} {x.dtype} {x.device}, codes "
                          f"{tuple(codes.shape)} {codes.dtype}, table {table.numel()} {table.dtype}, scale "
@@ -119,19 +129,19 @@ def _lut_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale
     if codes.dtype != torch.uint8:
         codes = codes.view(torch.uint8)
     if use_vbmi():
-        out = torch.empty(x.shape[0], n_out)
-        lut_vbmi.linear(x, codes, table, scale, bias, out)
+        out = torch.empty(x.shape[0], n_out, dtype=torch.float32)
+        lut_vbmi.linear(x, codes, table, scale, bias, out, _threads(codes.numel()))
         return out
     x = x.detach()
     c, t, s, b = codes.numpy(), table.numpy(), scale.reshape(-1).numpy(), bias.detach().numpy()
     par = _parallel(codes.numel())
     if x.shape[0] == 1:
-        out = torch.empty(1, n_out)
+        out = torch.empty(1, n_out, dtype=torch.float32)
         _gemv[par](c, t, s, x.numpy()[0], b, out.numpy()[0])
         return out
     rows = max(1, min(block_rows, n_out))
-    scratch = torch.empty(rows, n_in)
-    out_t = torch.empty(n_out, x.shape[0])  # y^T: a block of weight rows is a contiguous block of rows here
+    scratch = torch.empty(rows, n_in, dtype=torch.float32)
+    out_t = torch.empty(n_out, x.shape[0], dtype=torch.float32)  # y^T: a block of weight rows = a block of rows
     for start in range(0, n_out, rows):
         stop = min(start + rows, n_out)
         block = scratch[:stop - start]
@@ -152,13 +162,15 @@ def _(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Te
 def lut_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None, block_rows: int) -> torch.Tensor:
     """``x`` (N x in, float32, CPU) times the weight ``table[codes] * scale`` transposed, plus ``bias``
-    -> N x out. No gradient flows (the layer adds a bias that trains itself).
+    -> N x out (float32). No gradient flows (the layer adds a bias that must train itself).
 
-    ``codes``: out x in, contiguous uint8 or int8 (read as bytes); ``table``: 256 float32 values
-    (contiguous, never written after the first call); ``scale``: contiguous float32, one value (per tensor) or one per output row; ``bias``: float32 of ``out``
-    or None; ``block_rows``: weight rows decoded at a time when N > 1. Eager calls run the kernels
-    directly (the custom op's dispatch costs ~8 us, as much as the whole batch-1 product of a
-    384x384 layer); under ``torch.compile``, the custom op.
+    ``codes``: out x in, contiguous uint8 or int8 (read as bytes); ``table``: 256 float32 values,
+    contiguous, never written once used (the VBMI kernels cache its byte planes by identity);
+    ``scale``: contiguous float32, one value (per tensor) or one per output row; ``bias``: float32
+    of ``out`` or None; ``block_rows``: weight rows the numba path decodes at a time when N > 1.
+    Arguments that do not fit raise ``ValueError``. Eager calls run the kernels directly (the
+    custom op's dispatch costs ~8 us, more than a 384x384 batch-1 product takes); under
+    ``torch.compile``, the custom op.
     """
     fn = _lut_linear_op if torch.compiler.is_compiling() else _lut_linear
     return fn(x.contiguous(), codes, table, scale, bias, block_rows)

@@ -11,7 +11,8 @@ full block of 64 are decoded one by one from the float table, in natural order.
 The kernels ``gemm1`` .. ``gemm8``, written in LLVM IR and compiled by llvmlite (numba's LLVM) for
 the host CPU on first use, take 1 to 8 input rows: they copy them in kernel order, then per weight
 row decode each block of 64 codes once and multiply it into one accumulator per input row. No
-decoded weight is ever stored; :func:`linear` runs a batch 8 rows at a time. Only where the CPU
+decoded weight is ever stored; :func:`linear` runs a batch 8 rows at a time, the weight rows
+split among threads if asked. Only where the CPU
 has AVX-512 VBMI (:func:`available`; Intel Ice Lake and later, AMD Zen 4 and later);
 :mod:`.lut_kernels` uses its numba gathers elsewhere.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -247,18 +249,36 @@ def _planes(table: torch.Tensor) -> torch.Tensor:
     return table.view(torch.uint8).reshape(256, 4).t().contiguous()
 
 
-def linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-           out: torch.Tensor) -> None:
-    """out[b, r] = scale[r or 0] * sum_i x[b, i] * table[codes[r, i]] + bias[r], :data:`MAX_ROWS`
-    input rows a kernel call. All contiguous on CPU: ``x`` (N x in) float32, ``codes`` (out x in)
-    uint8, ``table`` 256 float32, ``scale`` 1 or out float32, ``bias`` and ``out`` (N x out) float32
-    (the caller checks: the kernels read raw pointers)."""
+def _rows(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+          out: torch.Tensor, start: int, stop: int) -> None:
+    """Weight rows ``start:stop`` of :func:`linear`, all input rows, :data:`MAX_ROWS` a kernel call."""
     rows, cols = codes.shape
     n = x.shape[0]
-    xp = torch.empty(min(n, MAX_ROWS) * cols)  # the input rows in kernel order
+    xp = torch.empty(min(n, MAX_ROWS) * cols, dtype=torch.float32)  # the input rows in kernel order
     kernels = _kernels()
-    args = (codes.data_ptr(), rows, cols, _planes(table).data_ptr(), table.data_ptr(), scale.data_ptr(),
-            int(scale.numel() > 1))
-    xa, oa, ba = x.data_ptr(), out.data_ptr(), bias.data_ptr()
-    for b in range(0, n, MAX_ROWS):  # float32: 4 bytes a value
+    per_row = int(scale.numel() > 1)  # pointers below: float32 and uint8, so offsets in bytes are 4 x and 1 x
+    args = (codes.data_ptr() + start * cols, stop - start, cols, _planes(table).data_ptr(), table.data_ptr(),
+            scale.data_ptr() + 4 * start * per_row, per_row)
+    xa, oa, ba = x.data_ptr(), out.data_ptr() + 4 * start, bias.data_ptr() + 4 * start
+    for b in range(0, n, MAX_ROWS):
         kernels[min(MAX_ROWS, n - b)](*args, xa + 4 * b * cols, xp.data_ptr(), ba, oa + 4 * b * rows, rows)
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+def linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+           out: torch.Tensor, threads: int = 1) -> None:
+    """out[b, r] = scale[r or 0] * sum_i x[b, i] * table[codes[r, i]] + bias[r]. All contiguous on
+    CPU: ``x`` (N x in) float32, ``codes`` (out x in) uint8, ``table`` 256 float32, ``scale`` 1 or
+    out float32, ``bias`` and ``out`` (N x out) float32 (the caller checks: the kernels read raw
+    pointers). ``threads`` > 1 splits the weight rows among that many threads (ctypes calls
+    release the GIL)."""
+    rows = codes.shape[0]
+    parts = max(1, min(threads, rows // 64))
+    if parts == 1:
+        _rows(x, codes, table, scale, bias, out, 0, rows)
+        return
+    pool = _POOL.get(parts) or _POOL.setdefault(parts, ThreadPoolExecutor(parts, thread_name_prefix="lut_vbmi"))
+    bounds = [rows * k // parts for k in range(parts + 1)]
+    list(pool.map(lambda k: _rows(x, codes, table, scale, bias, out, bounds[k], bounds[k + 1]), range(parts)))
