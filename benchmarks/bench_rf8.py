@@ -10,7 +10,9 @@ encoder, casts to bfloat16 and FP8 E4M3 (torch), and casts back.
 Layers (issue 15): per shape ``d_in x d_out`` and batch 1 / 8 / 32, under ``torch.no_grad``, the time
 of one forward of ``nn.Linear`` in float32 (the baseline), of ``RF8Linear`` (the fused path, weight
 held as 1-byte codes), of ``RF8Linear.reference_forward`` (decode-then-matmul, the path before the
-fused kernels) and of ``QuantLinear`` in int8 and fp8-e4m3-scaled (the same kernel). Each figure is
+fused kernels), of ``QuantLinear`` in int8 and fp8-e4m3-scaled (the same kernel), and, where the CPU
+has AVX-512 VBMI (``kernel``: ``vbmi``), of ``RF8Linear`` on the portable numba kernels
+(``rf8_numba``, what a CPU without VBMI runs). Each figure is
 the median over ``--repeat`` samples of the wall time and the process CPU time per call (a sample
 runs the call enough times to last ~2 ms); ``ratio_cpu_*`` / ``ratio_wall_*`` divide by the fp32
 baseline's. Goal: ``ratio_cpu_rf8`` <= 1.5 at batch 1 and <= 1.2 at batch 32. torch and numba run
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from ggprior import formats
-from ggprior.formats import rf8
+from ggprior.formats import lut_kernels, rf8
 from ggprior.threads import configure_threads
 
 SHAPES = ((384, 384), (1536, 384), (384, 1536), (768, 3072), (2048, 2048))  # d_in x d_out
@@ -115,8 +117,13 @@ def layers(repeat: int) -> list[dict]:
             with torch.no_grad():
                 err = float((q(x) - q.reference_forward(x)).abs().max())
                 t = {k: _per_call(f, repeat) for k, f in calls.items()}
+                vbmi = lut_kernels.use_vbmi()
+                if vbmi:  # the portable numba kernels too, as on a CPU without AVX-512 VBMI
+                    lut_kernels.use_vbmi(False)
+                    t["rf8_numba"] = _per_call(calls["rf8"], repeat)
+                    lut_kernels.use_vbmi(True)
             rows.append({
-                "shape": f"{d_in}x{d_out}", "batch": batch,
+                "shape": f"{d_in}x{d_out}", "batch": batch, "kernel": "vbmi" if vbmi else "numba",
                 **{f"us_wall_{k}": 1e6 * w for k, (w, _) in t.items()},
                 **{f"us_cpu_{k}": 1e6 * c for k, (_, c) in t.items()},
                 **{f"ratio_cpu_{k}": c / t["fp32"][1] for k, (_, c) in t.items() if k != "fp32"},

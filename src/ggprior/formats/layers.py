@@ -102,7 +102,7 @@ class QuantLinear(nn.Module):
         """The format's 256-entry table where forward takes the fused path for ``x``, else None."""
         if x.dtype != torch.float32 or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        return lut_table(self.fmt) if self.weight_codes.is_cpu else None
+        return lut_table(self.fmt) if self._buffers["weight_codes"].is_cpu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         table = self._fused(x)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -254,7 +255,7 @@ def _rows(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torc
     """Weight rows ``start:stop`` of :func:`linear`, all input rows, :data:`MAX_ROWS` a kernel call."""
     rows, cols = codes.shape
     n = x.shape[0]
-    xp = torch.empty(min(n, MAX_ROWS) * cols, dtype=torch.float32)  # the input rows in kernel order
+    xp = _scratch(min(n, MAX_ROWS) * cols)  # the input rows in kernel order
     kernels = _kernels()
     per_row = int(scale.numel() > 1)  # pointers below: float32 and uint8, so offsets in bytes are 4 x and 1 x
     args = (codes.data_ptr() + start * cols, stop - start, cols, _planes(table).data_ptr(), table.data_ptr(),
@@ -265,6 +266,15 @@ def _rows(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torc
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
+_LOCAL = threading.local()
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """A float32 buffer of at least ``n`` values, this thread's own, reused call after call."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _LOCAL.buf = torch.empty(n, dtype=torch.float32)
+    return buf
 
 
 def linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
