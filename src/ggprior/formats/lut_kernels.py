@@ -112,9 +112,10 @@ def _check(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: tor
     n_out, n_in = codes.shape
     ok = (x.dim() == 2 and x.shape[1] == n_in and x.dtype == torch.float32 and codes.element_size() == 1
           and table.dtype == torch.float32 and table.numel() == 256 and scale.dtype == torch.float32
-          and scale.numel() in (1, n_out) and (bias is None or (bias.dtype == torch.float32 and bias.numel() == n_out))
-          and x.is_cpu and codes.is_cpu and table.is_cpu and scale.is_cpu and codes.is_contiguous()
-          and table.is_contiguous() and scale.is_contiguous() and (bias is None or (bias.is_contiguous() and bias.is_cpu)))
+          and scale.numel() in (1, n_out) and x.is_cpu and codes.is_cpu and table.is_cpu and scale.is_cpu
+          and codes.is_contiguous() and table.is_contiguous() and scale.is_contiguous()
+          and (bias is None or (bias.dtype == torch.float32 and bias.numel() == n_out and bias.is_contiguous()
+                                and bias.is_cpu)))
     if not ok:
         raise ValueError(f"lut_linear: arguments do not fit: x {tuple(x.shape)} {x.dtype} {x.device}, codes "
                          f"{tuple(codes.shape)} {codes.dtype}, table {table.numel()} {table.dtype}, scale "
