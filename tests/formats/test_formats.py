@@ -147,6 +147,26 @@ def test_convert_transformers_models_and_reload_from_safetensors(arch, tmp_path)
         assert torch.equal(fresh(ids).logits, out)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_tie_weights_after_conversion_requantizes_the_head(arch):
+    model = _lm(arch)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    formats.to_format(model, "int8")
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    codes = head.weight_codes.clone()
+    with torch.no_grad():
+        out = model(ids).logits
+        model.tie_weights()  # assigns the embedding's Parameter to head.weight: re-encoded, same codes
+        assert torch.equal(head.weight_codes, codes) and torch.equal(model(ids).logits, out)
+        emb.weight.mul_(2.0)
+        model.tie_weights()
+    assert isinstance(head, formats.QuantLinear) and "weight" not in dict(head.named_parameters())
+    assert torch.equal(head.weight, formats.roundtrip(emb.weight.detach(), "int8"))
+    with pytest.raises(ValueError, match="expected a tensor of that shape"):
+        head.weight = emb.weight[:, :3]
+
+
 @pytest.mark.parametrize("fmt", ["fp16", "fp8-e5m2-scaled", "int8", "rf8-authors"])
 def test_every_format_converts_gpt2(fmt, tmp_path):
     ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,7 @@
 """Number formats for weights: one registry (:mod:`.registry`: rf8, rf8-round, rf8-authors, fp16,
 bf16, fp8 and int8), the RF8 codec (:mod:`.rf8`) and its analysis (:mod:`.rf8_analysis`),
-error measures (:mod:`.metrics`), one quantized ``Linear`` for every format (:mod:`.layers`),
+error measures (:mod:`.metrics`), one quantized ``Linear`` for every format (:mod:`.layers`) and
+its fused decode-and-multiply kernels for the 8-bit formats (:mod:`.lut_kernels`),
 module surgery (:mod:`.surgery`) and quantized safetensors files (:mod:`.files`).
 Imports ``io`` (and :mod:`ggprior.runtime`) only.
 """
