@@ -1,5 +1,5 @@
 """The pipeline at its smallest size: every stage, the report, seeds, caching and resume, errors. The
-pretrained path runs on a tiny one-layer BERT standing in for MiniLM (``conftest.tiny_pretrained``)."""
+pretrained path runs on a tiny one-layer BERT standing in for MiniLM (``tiny_pretrained``)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,22 @@ from ggprior.pipeline import CODERS, VARIANTS, PipelineConfig, PipelineError, ru
 from ggprior.pipeline.summary import COLUMNS, compute_seconds, mean_sd, seed_pairs, seed_rows, summary_rows
 
 QUIET = {"console": Console(quiet=True), "progress": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory) -> str:
+    """A stand-in for the pretrained MiniLM: a one-layer BERT with MiniLM's vocabulary saved as a transformers
+    folder (random weights, so the pretrained path runs in seconds)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from ggprior.tasks import get_tokenizer
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=get_tokenizer("minilm").vocab_size, hidden_size=8, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=16, max_position_embeddings=32)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return str(folder)
 
 
 def tiny(pretrained: str, **overrides) -> PipelineConfig:

@@ -38,12 +38,18 @@ def by_length(d: data.TaskData) -> data.TaskData:
 
 def load_pretrained(source: str, num_labels: int) -> nn.Module:
     """``source`` (``"minilm"`` or a transformers folder) with a fresh ``num_labels`` head, in float32
-    (transformers 5 may load another dtype). The head is drawn from torch's global generator."""
+    (transformers 5 may load another dtype). The head is drawn from torch's global generator.
+
+    Attention is the eager implementation: on CPU, SDPA's flash kernel calls MKL's GEMM inside its own
+    OpenMP loop; in the pipeline's process nested OpenMP was on (max-active-levels 255) and every
+    evaluation of MiniLM took ~100 s instead of ~10 s per 1000 examples (the tiny run: 72 s instead of
+    over 5 minutes)."""
     if source == "minilm":
-        return models.load_minilm(num_labels).float()
+        return models.load_minilm(num_labels, attn_implementation="eager").float()
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels).float()
+    return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
+                                                              attn_implementation="eager").float()
 
 
 @dataclass
