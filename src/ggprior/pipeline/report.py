@@ -151,7 +151,7 @@ def _markdown(results: dict, rows: list[dict], plots: dict[str, Path], facts: li
         f"fp32 test accuracy of each training, and the ANS-coded file of it under the default rule ({rule}).", "",
         to_markdown(seed_rows(results), SEED_COLUMNS), "",
         "## Summary", "",
-        f"Seed {cfg['seed']}. Coded files (`ggz-*`, zstd-level of the same integers) under the library's default rule: "
+        f"Seed {cfg['seed']}. Coded files (`ggz-*`, and zstd of the same integers) under the library's default rule: "
         f"per tensor, the largest step with relative RMS error <= {cfg['rel_error']:g}.", "",
         to_markdown(rows, COLUMNS), "",
         f"## Coded files on the paper's grid ({grid})", "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-COLUMNS = ["variant", "format", "accuracy", "bits/weight", "file size (KiB)", "CR(EG)", "CR(HM)"]
+COLUMNS = ["variant", "format", "accuracy", "bits/weight", "file size (MiB)", "CR(EG)", "CR(HM)"]
 GRID_COLUMNS = ["variant", "accuracy", "FL", "EG", "Huffman", "ANS", "zstd", "CR(EG)", "CR(HM)"]
 SEED_COLUMNS = ["seed", "plain: accuracy", "BackSlash: accuracy", "difference (points)", "plain: ANS bits/weight",
                 "BackSlash: ANS bits/weight", "size ratio", "BackSlash: exact zeros"]
@@ -36,7 +36,7 @@ def summary_rows(results: dict) -> list[dict]:
             ggz = r["format"].startswith("ggz-")
             rows.append({
                 "variant": variant, "format": r["format"], "accuracy": r["accuracy"],
-                "bits/weight": r["bits_per_weight"], "file size (KiB)": r["bytes"] / 1024,
+                "bits/weight": r["bits_per_weight"], "file size (MiB)": r["bytes"] / 2**20,
                 "CR(EG)": coded["cr_eg"] if ggz else None, "CR(HM)": coded["cr_huffman"] if ggz else None,
             })
     return rows
