@@ -137,10 +137,14 @@ def _setup(results: dict) -> str:
             f"{results['cpu_seconds']:.0f} s CPU; cached stages are reused, not rerun).")
 
 
+def _grid_rule(results: dict) -> str:
+    """The name of the second step rule (the paper's FL grid)."""
+    return list(next(iter(results["compress"].values()))["rules"])[1]
+
+
 def _markdown(results: dict, rows: list[dict], plots: dict[str, Path], facts: list[str]) -> str:
     cfg = results["config"]
-    rule = default_rule(results)
-    grid = next(r for r in next(iter(results["compress"].values()))["rules"] if r != rule)
+    rule, grid = default_rule(results), _grid_rule(results)
     lines = [
         f"# ggprior pipeline: {cfg['task']} ({cfg['model']})", "", _setup(results), "",
         "Accuracy is on the test split. Bits/weight and size are those of the real file on disk over every floating "
@@ -185,6 +189,7 @@ def _html_table(rows: list[dict], columns: list[str]) -> str:
 
 def _html(results: dict, rows: list[dict], plots: dict[str, Path], facts: list[str]) -> str:
     cfg = results["config"]
+    grid = _grid_rule(results)
     imgs = "".join(
         f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(n)}</figcaption></figure>'
@@ -197,7 +202,8 @@ def _html(results: dict, rows: list[dict], plots: dict[str, Path], facts: list[s
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head>"
             f"<body><h1>{title}</h1><p>{html.escape(_setup(results))}</p><h2>Findings</h2><ul>{items}</ul>"
             f"<h2>Plain against BackSlash over seeds</h2>{_html_table(seed_rows(results), SEED_COLUMNS)}"
-            f"<h2>Summary</h2>{_html_table(rows, COLUMNS)}<h2>Stage times</h2>"
+            f"<h2>Summary</h2>{_html_table(rows, COLUMNS)}<h2>Coded files on the paper's grid ({html.escape(grid)})</h2>"
+            f"{_html_table(grid_rows(results, grid), GRID_COLUMNS)}<h2>Stage times</h2>"
             f"{_html_table(stage_rows(results), STAGE_COLUMNS)}<h2>Plots</h2>{imgs}</body></html>\n")
 
 
