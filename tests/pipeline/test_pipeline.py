@@ -185,7 +185,7 @@ def test_report_is_self_contained_and_tabulates_every_row(run):
     assert md.count("| backslash+deepshape |") == len(summary_rows(res)) // len(VARIANTS) + 1
     assert "GG *init* does not apply to pretrained weights" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 4 and "Coded files on the paper&#x27;s grid (10-bit)" in html
+    assert html.count("data:image/png;base64,") >= 4 and "Coded files on the paper's grid (10-bit)" in html
     assert not re.search(r'src="(?!data:)', html)  # nothing fetched from outside the file
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["task"] == "spam"
