@@ -124,8 +124,9 @@ def build_model(
     return LlamaForCausalLM(cfg) if kind == "lm" else LlamaForSequenceClassification(cfg)
 
 
-def load_minilm(num_labels: int = 2) -> nn.Module:
-    """all-MiniLM-L6-v2 with a fresh ``num_labels`` classification head, loaded offline."""
+def load_minilm(num_labels: int = 2, **kwargs) -> nn.Module:
+    """all-MiniLM-L6-v2 with a fresh ``num_labels`` classification head, loaded offline (``kwargs`` go to
+    ``from_pretrained``, e.g. ``attn_implementation``)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -137,7 +138,7 @@ def load_minilm(num_labels: int = 2) -> nn.Module:
     hf_logging.set_verbosity_error()  # the fresh head's "newly initialized" warning is expected
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
+        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
