@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ggprior.cli import app
@@ -214,3 +214,13 @@ def test_cli_per_row_and_target_size(tmp_path):
         assert r.exit_code == 1 and msg in _text(r), (args, r.output)
         assert len(r.output.strip().splitlines()) == 1, r.output
         assert not out.exists()
+
+
+def test_per_row_golden_file_still_reads():
+    """A per-row file written once (tests/data; rel_error 0.01 per row, chunks of 100 values cutting rows)
+    decodes to the tensors stored beside it."""
+    data = Path(__file__).resolve().parents[1] / "data"
+    got = load_compressed(data / "v2_rows_ans.ggz")
+    want = load_file(str(data / "v2_rows_ans.decoded.safetensors"))
+    assert set(got) == set(want) and all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    assert read_header(data / "v2_rows_ans.ggz")["metadata"]["step_rule"] == "rel_error=0.01 per-row"
