@@ -11,8 +11,14 @@ import torch
 
 from ggprior.codec.container import load_compressed, save_compressed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import fidelity  # noqa: E402
+EXPERIMENTS = str(Path(__file__).resolve().parents[1] / "experiments")
+sys.path.insert(0, EXPERIMENTS)
+try:
+    import fidelity
+finally:  # experiments/_common must not shadow examples/_common for later tests
+    sys.path.remove(EXPERIMENTS)
+    for mod in ("_common", "formats_study"):
+        sys.modules.pop(mod, None)
 
 
 def _sim(rows: list[list[float]]) -> torch.Tensor:
