@@ -304,30 +304,44 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _groups() -> list[tuple[str, tuple[str, ...], str, str]]:
+    """(label, rule kinds, select, line style) of the plotted curves."""
+    out = [(f"per tensor, select={sel}", ("bits", "rel"), sel, "o-") for sel in SELECTS]
+    return out + [(f"per row, select={sel}", ("rel-row",), sel, "s-") for sel in SELECTS] + [("casts", ("cast",), "all", "^")]
+
+
 def plot(rows: list[dict], path: Path) -> Path:
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, m in zip(axes[0], models, strict=True):
-        groups = [(f"per tensor, select={sel}", ("bits", "rel"), sel, "o-") for sel in SELECTS]
-        groups += [(f"per row, select={sel}", ("rel-row",), sel, "s-") for sel in SELECTS] + [("casts", ("cast",), "all", "^")]
-        for name, kinds, select, style in groups:
+    """One panel per model (1 - mean cosine, |perplexity change|) and MiniLM's retrieval agreement."""
+    panels = [(m, k) for m in sorted({r["model"] for r in rows})
+              for k in (("cos", "nn") if m == "minilm" else ("ppl",))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (m, what) in zip(axes[0], panels, strict=True):
+        for name, kinds, select, style in _groups():
             rs = sorted((r for r in rows if r["model"] == m and r["select"] == select and r["kind"] in kinds),
                         key=lambda r: r["bits_per_weight"])
             if not rs:
                 continue
-            if m == "minilm":
-                ys, label, target = [1 - r["cosine_mean"] for r in rs], "1 - mean cosine", 1 - TARGETS["cosine_mean"]
-            else:
-                ys, label, target = [abs(r["ppl_rel_change"]) for r in rs], "|perplexity change|", TARGETS["ppl_rel_change"]
-            ax.plot([r["bits_per_weight"] for r in rs], ys, style, label=name)
+            xs = [r["bits_per_weight"] for r in rs]
+            if what == "nn":
+                ax.plot(xs, [100 * r["retrieval_agreement"] for r in rs], style, label=f"{name}: all queries")
+                if all("decided_agreement" in r for r in rs):
+                    ax.plot(xs, [100 * r["decided_agreement"] for r in rs], style[0] + ":", alpha=0.5,
+                            label=f"{name}: decided")
+                continue
+            ys = [1 - r["cosine_mean"] for r in rs] if what == "cos" else [abs(r["ppl_rel_change"]) for r in rs]
+            ax.plot(xs, ys, style, label=name)
             for r, y in zip(rs, ys, strict=True):
-                ax.annotate(r["rule"].split(",")[0], (r["bits_per_weight"], y), fontsize=7)
-        ax.axhline(target, color="r", ls="--", lw=0.8, label="target")
-        ax.set_yscale("log")
+                ax.annotate(r["rule"].split(",")[0], (r["bits_per_weight"], y), fontsize=6)
+        if what == "nn":
+            ax.set_ylabel("nearest-neighbour agreement (%)")
+        else:
+            target = 1 - TARGETS["cosine_mean"] if what == "cos" else TARGETS["ppl_rel_change"]
+            ax.axhline(target, color="r", ls="--", lw=0.8, label="target")
+            ax.set_yscale("log")
+            ax.set_ylabel("1 - mean cosine" if what == "cos" else "|perplexity change|")
         ax.set_xlabel("bits/weight (ANS, whole model)")
-        ax.set_ylabel(label)
         ax.set_title(m)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
     return save_figure(fig, path)
 
 
