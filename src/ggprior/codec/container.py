@@ -325,10 +325,10 @@ def inspect_rows(path: str | os.PathLike) -> list[dict]:
         coder = e.get("coder", e["encoding"]) if e["encoding"] != "alias" else f"alias of {e['of']}"
         row = {"name": e["name"], "shape": "x".join(map(str, e["shape"])) or "scalar", "dtype": e["dtype"],
                "coder": coder, "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel if numel else 0.0}
-        if e["encoding"] == "quantized" and "row_steps" in e:  # the smallest row step; GG in row-step units
+        if e["encoding"] == "quantized" and "row_steps" in e:  # the smallest row step; no one scale for mu, beta
             row.update(coder=f"{coder} per-row", step=float(quant.row_steps_from_patterns([e["row_steps"]["qmin"]])[0]))
             if "gg" in e:
-                row.update(gg_mu=e["gg"][0], gg_beta=e["gg"][1], gg_gamma=e["gg"][2])
+                row["gg_gamma"] = e["gg"][2]
         elif e["encoding"] == "quantized":
             row["step"] = e["step"]
             if "gg" in e:
