@@ -19,6 +19,10 @@ JOBS_HELP = "threads coding chunks (default: every core)"
 LOSSLESS_HELP = "store every bf16/fp16/fp32 tensor bit-exactly (NaN and Inf included); no quantization"
 TARGET_HELP = ("bits/weight over the quantized tensors: per-tensor steps from the GG-model bit allocation "
                "(uniform sensitivity; --coder ans or ans-hist)")
+PER_ROW_HELP = ("give every row (dim 0) of each matrix its own step with the --rel-error (default 0.005) on that row "
+                "(steps stored as bfloat16, about 11 bits a row)")
+SIZE_HELP = ("size of the whole .ggz file (300MB, 1.5GiB or bytes; header, side files and tables included): steps "
+             "from the GG-model bit allocation, the file within 1% under it")
 INCLUDE_GONE = "use --select all|matrices (--include is a tensor-name regex, as in ggprior quantize)"
 
 
@@ -55,22 +59,31 @@ def compress_cmd(
     jobs: int = typer.Option(None, "--jobs", min=1, help=JOBS_HELP),
     lossless: bool = typer.Option(False, "--lossless", help=LOSSLESS_HELP),
     target_bits: float = typer.Option(None, "--target-bits", help=TARGET_HELP),
+    target_size: str = typer.Option(None, "--target-size", help=SIZE_HELP),
+    per_row: bool = typer.Option(False, "--per-row", help=PER_ROW_HELP),
     old_include: str = typer.Option(None, "--include", hidden=True),
 ) -> None:
     """Quantize and entropy-code a model into a .ggz file (a folder's config and tokenizer files go inside)."""
     renamed(old_include, "--include", INCLUDE_GONE)
     rule = _step_args(step, bits, rel_error)
-    given = [f for f, v in (("--step", step), ("--bits", bits), ("--rel-error", rel_error)) if v is not None]
-    if lossless and (target_bits is not None or given):
-        fail(f"--lossless stores the exact values: it takes no {' or '.join(given or ['--target-bits'])}")
-    if target_bits is not None and given:
-        fail(f"--target-bits chooses the steps: it takes no {given[0]}")
+    given = [f for f, v in (("--step", step), ("--bits", bits), ("--rel-error", rel_error), ("--per-row", per_row or None))
+             if v is not None]
+    targets = [f for f, v in (("--target-bits", target_bits), ("--target-size", target_size)) if v is not None]
+    if lossless and (targets or given):
+        fail(f"--lossless stores the exact values: it takes no {' or '.join(given + targets)}")
+    if len(targets) > 1:
+        fail("give only one of --target-bits, --target-size")
+    if targets and given:
+        fail(f"{targets[0]} chooses the steps: it takes no {given[0]}")
+    if per_row and (step is not None or bits is not None):
+        fail("--per-row takes --rel-error (default 0.005), not --step or --bits")
     check_output(out, (source,), overwrite=overwrite)
     from ..codec import save_compressed, stored_bytes
 
     try:
         header = save_compressed(source, out, coder=coder, include=_select(select), gg_fit=gg_fit, progress=True,
-                                 jobs=jobs, lossless=lossless, target_bits=target_bits, **rule)
+                                 jobs=jobs, lossless=lossless, target_bits=target_bits, target_size=target_size,
+                                 per_row=per_row, **rule)
     except _errors() as e:
         fail(str(e))
     q = [e for e in header["tensors"] if e["encoding"] == ("lossless" if lossless else "quantized")]

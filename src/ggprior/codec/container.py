@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import lossless, rans, registry
+from . import fixed, lossless, rans, registry
 from . import quantizer as quant
 from .bits import CodingError
 from .ggmodel import GGParams
@@ -207,14 +207,29 @@ class Reader:
         dtype = DTYPES[e["dtype"]][0]
         out = torch.empty(math.prod(shape), dtype=dtype)
         bounds, decode = self._chunk_decoder(e)
+        rows = self.row_steps(e)
+        row_len = out.numel() // shape[0] if rows is not None else 0
 
         def put(i: int) -> None:  # dequantized a piece at a time: float64 temporaries of one piece only
             q = torch.from_numpy(decode(i))
             for a, b in chunk_bounds(q.numel(), PIECE_VALUES):
-                out[bounds[i][0] + a : bounds[i][0] + b] = quant.dequantize(q[a:b], e["step"], dtype)
+                lo, hi = bounds[i][0] + a, bounds[i][0] + b
+                out[lo:hi] = quant.dequantize(q[a:b], e["step"] if rows is None else
+                                              quant.expand_rows(rows, row_len, lo, hi), dtype)
 
         list(self._pool.map(put, range(len(bounds))))
         return out.reshape(shape)
+
+    def row_steps(self, e: dict) -> torch.Tensor | None:
+        """A quantized entry's per-row steps (float64, one per row), or None when it has one ``step``."""
+        r = e.get("row_steps")
+        if r is None or self.version == 1:
+            return None
+        try:
+            p = fixed.decode(self.stream(r, f"tensor {e['name']!r} row steps"), e["shape"][0], r["qmin"], r["width"])
+            return torch.from_numpy(quant.row_steps_from_patterns(p, "row steps").astype(np.float64))
+        except (CodingError, quant.QuantError) as err:
+            raise ContainerError(f"{self.path}: tensor {e['name']!r}: {err}") from err
 
     def _lossless(self, e: dict) -> torch.Tensor:
         """A lossless entry's exact bit patterns, chunks decoded in parallel, viewed as its dtype (flat)."""
@@ -292,10 +307,12 @@ def load_compressed(
     return sd
 
 
-def load_integers(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, float]]:
-    """The quantized tensors of a .ggz file as ``name -> (int32 integers in shape, step)``."""
+def load_integers(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, float | torch.Tensor]]:
+    """The quantized tensors of a .ggz file as ``name -> (int32 integers in shape, step)``; the step of a
+    per-row entry is a float64 tensor of one step per row."""
     with Reader(path) as r:
-        return {e["name"]: (torch.from_numpy(r.integers(e["name"])).reshape(tuple(e["shape"])), e["step"])
+        return {e["name"]: (torch.from_numpy(r.integers(e["name"])).reshape(tuple(e["shape"])),
+                            e["step"] if "step" in e else r.row_steps(e))
                 for e in r.header["tensors"] if e["encoding"] == "quantized"}
 
 
@@ -308,7 +325,11 @@ def inspect_rows(path: str | os.PathLike) -> list[dict]:
         coder = e.get("coder", e["encoding"]) if e["encoding"] != "alias" else f"alias of {e['of']}"
         row = {"name": e["name"], "shape": "x".join(map(str, e["shape"])) or "scalar", "dtype": e["dtype"],
                "coder": coder, "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel if numel else 0.0}
-        if e["encoding"] == "quantized":
+        if e["encoding"] == "quantized" and "row_steps" in e:  # the smallest row step; no one scale for mu, beta
+            row.update(coder=f"{coder} per-row", step=float(quant.row_steps_from_patterns([e["row_steps"]["qmin"]])[0]))
+            if "gg" in e:
+                row["gg_gamma"] = e["gg"][2]
+        elif e["encoding"] == "quantized":
             row["step"] = e["step"]
             if "gg" in e:
                 mu, beta, gamma = e["gg"]

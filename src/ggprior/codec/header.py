@@ -111,14 +111,33 @@ def _check_gg(e: dict, tag: str) -> None:
         raise ContainerError(f"{tag}: invalid GG parameters {gg!r}")
 
 
-def _check_quantized_common(e: dict, tag: str) -> None:
+def _check_quantized_common(e: dict, tag: str, rows_allowed: bool = False) -> None:
     if e["dtype"] not in FLOAT_DTYPES:
         raise ContainerError(f"{tag}: quantized tensor with non-float dtype {e['dtype']!r}")
     try:
         e["coder"] = registry.check_coder(e.get("coder", ""))
-        quant.check_step(e.get("step") if isinstance(e.get("step"), float) else float("nan"), tag)
+        if "row_steps" not in e or not rows_allowed:
+            quant.check_step(e.get("step") if isinstance(e.get("step"), float) else float("nan"), tag)
     except (CodingError, quant.QuantError) as err:
         raise ContainerError(f"{tag}: {err}") from err
+
+
+def _check_row_steps(e: dict, tag: str) -> list[tuple[int, int]]:
+    """Per-row steps (version 2): one fl-coded bfloat16 pattern per row (dim 0) instead of ``step``."""
+    if "row_steps" not in e:
+        return []
+    r = e["row_steps"]
+    if "step" in e or not isinstance(r, dict) or len(e["shape"]) < 2:
+        raise ContainerError(f"{tag}: row_steps need a tensor of 2+ dimensions and no step")
+    _check_stream(r, tag, "row_steps ")
+    if not (is_int(r.get("qmin")) and 1 <= r["qmin"] <= 0x7F7F and is_int(r.get("width"))
+            and 1 <= r["width"] <= quant.ROW_STEP_BITS):
+        raise ContainerError(f"{tag}: invalid row_steps parameters")
+    need = (e["shape"][0] * r["width"] + 7) >> 3
+    if r["length"] != need:
+        raise ContainerError(f"{tag}: row_steps stream of {r['length']} bytes; {e['shape'][0]} rows of "
+                             f"{r['width']} bits need {need}")
+    return [(r["offset"], r["length"])]
 
 
 def _validate_v1(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
@@ -171,10 +190,10 @@ def _validate_v2(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
         return _validate_lossless(e, tag, numel)
     if enc != "quantized":
         raise ContainerError(f"{tag}: unknown encoding {enc!r}")
-    _check_quantized_common(e, tag)
+    _check_quantized_common(e, tag, rows_allowed=True)
     if "gg" in e:
         _check_gg(e, tag)
-    spans = []
+    spans = _check_row_steps(e, tag)
     if e["coder"] in TABLE_CODERS:
         t = e.get("table")
         if not isinstance(t, dict):
@@ -296,5 +315,6 @@ def stored_bytes(e: dict) -> int:
     if e["encoding"] == "alias":
         return 0
     if "chunks" in e:
-        return sum(c["length"] for c in e["chunks"]) + e.get("table", {}).get("length", 0)
+        side = e.get("table", {}).get("length", 0) + e.get("row_steps", {}).get("length", 0)
+        return sum(c["length"] for c in e["chunks"]) + side
     return e["length"]

@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from ..io.atomic import atomic_path
 from ..io.sources import open_source, side_files
-from . import ggmodel, lossless, rans, registry
+from ..io.tensors import parse_size
+from . import fixed, ggmodel, lossless, rans, registry
 from . import quantizer as quant
+from .allocate import AllocationError
 from .bits import CodingError
 from .header import (
     _NAME_OF,
@@ -107,14 +109,23 @@ def _merge(hists: list[Histogram]) -> Histogram:
 def _encode_tensor(t: torch.Tensor, name: str, coder: str, rule: dict, gg_fit: str, pool: ThreadPoolExecutor,
                    spool: _Spool, chunk_values: int) -> dict:
     """Quantize and code one floating tensor in two passes over it, so no whole-tensor integers are held:
-    the histogram (piece by piece), then each chunk quantized again and coded (chunks in parallel)."""
-    s = quant.choose_step(t, name=name, **rule)
+    the histogram (piece by piece), then each chunk quantized again and coded (chunks in parallel).
+    ``rule["per_row"]`` (with ``rel``) gives each row of a tensor of 2+ dimensions its own step."""
+    e: dict = {"encoding": "quantized", "coder": coder}
     flat = t.detach().reshape(-1)
     bounds = chunk_bounds(flat.numel(), chunk_values)
+    if rule.get("per_row") and t.dim() >= 2:
+        rows = quant.row_steps_for_rel_error(t, rule["rel"], name=name)
+        data, params = fixed.encode(quant.row_step_patterns(rows))
+        e["row_steps"] = {**params, **spool.put(data)}
+        row_steps, row_len = torch.from_numpy(rows.astype(np.float64)), flat.numel() // t.shape[0]
+    else:
+        e["step"] = quant.choose_step(t, name=name, step=rule["step"], bits=rule["bits"], rel=rule["rel"])
 
     def quantized(a: int, b: int) -> np.ndarray:  # float64/int64 temporaries of one piece at a time
         q = np.empty(b - a, dtype=np.int32)
         for c, d in chunk_bounds(b - a, PIECE_VALUES):
+            s = e["step"] if "step" in e else quant.expand_rows(row_steps, row_len, a + c, a + d)
             q[c:d] = quant.quantize(flat[a + c : a + d], s, name=name).numpy()
         return q
 
@@ -123,7 +134,7 @@ def _encode_tensor(t: torch.Tensor, name: str, coder: str, rule: dict, gg_fit: s
 
     hist = _merge(list(pool.map(quantize_piece, chunk_bounds(flat.numel(), PIECE_VALUES))))
     gg = ggmodel.fit(hist, gg_fit).as_float32()
-    e: dict = {"encoding": "quantized", "coder": coder, "step": s, "gg": [gg.mu, gg.beta, gg.gamma]}
+    e["gg"] = [gg.mu, gg.beta, gg.gamma]
     freqs, qmin = None, 0
     if coder in TABLE_CODERS:
         qmin, freqs = registry.rans_table(coder, hist, gg)
@@ -159,17 +170,59 @@ def _encode_lossless(t: torch.Tensor, dtype: str, pool: ThreadPoolExecutor, spoo
 
 
 def _step_rules(src, names: list[str], rule: dict, target_bits: float | None, coder: str, gg_fit: str,
-                weights: Mapping[str, float] | None, chunk_values: int) -> tuple[dict[str, dict], str | None]:
+                weights: Mapping[str, float] | None, chunk_values: int) -> dict[str, dict]:
     """Each quantized tensor's step rule: the common ``rule``, or the steps of a ``target_bits`` allocation."""
     if target_bits is None:
         if weights is not None:
             raise ContainerError("sensitivity weights are used only with target_bits")
-        return {k: rule for k in names}, None
+        return {k: rule for k in names}
     if not names:
         raise ContainerError(f"{src.label}: target_bits given, but no tensor is quantized")
-    steps, info = target_steps(src, names, target_bits, coder=coder, gg_fit=gg_fit, weights=weights,
-                               chunk_values=chunk_values)
-    return {k: {"step": s, "bits": None, "rel": None} for k, s in steps.items()}, f"target_bits={target_bits:g}"
+    steps, _ = target_steps(src, names, target_bits, coder=coder, gg_fit=gg_fit, weights=weights,
+                            chunk_values=chunk_values)
+    return {k: {"step": s, "bits": None, "rel": None} for k, s in steps.items()}
+
+
+SIZE_AIM = 0.996
+"""A target size aims the quantized streams at this fraction of what is left, so the file lands within 1 % under."""
+
+
+def _size_to_bits(src, quantized: list[str], aliases: dict, files: Mapping[str, bytes], meta: dict, coder: str,
+                  chunk_values: int, target_size: int | str) -> float:
+    """Bits/weight over the quantized tensors that make the whole file ``target_size``: the header bounded
+    with every written number at its longest (offsets and lengths at most the size), raw tensors and side
+    files counted exactly."""
+    size = parse_size(target_size)
+    worst, longest = -1.2345678901234567e-300, {"offset": size, "length": size, "crc32": 0xFFFFFFFF}
+    entries, fixed_bytes, qraw, n = [], 0, 0, 0
+    for k in src:
+        numel = math.prod(src.shape(k))
+        e = {"name": k, "shape": list(src.shape(k)), "dtype": _NAME_OF.get(src.dtype(k), "float64")}
+        nbytes = numel * DTYPES[e["dtype"]][0].itemsize
+        if k in aliases:
+            e.update(encoding="alias", of=aliases[k])
+        elif k in quantized:
+            n, qraw = n + numel, qraw + nbytes
+            e.update(encoding="quantized", coder=coder, step=worst, gg=[worst] * 3,
+                     table={"qmin": -quant.Q_LIMIT, "nsym": rans.NSYM_MAX, "prob_bits": rans.PROB_BITS, **longest},
+                     chunks=[{"n": chunk_values, "params": {}, "qcrc32": 0xFFFFFFFF, **longest}]
+                     * len(chunk_bounds(numel, chunk_values)))
+        else:
+            e.update(encoding="raw", **longest)
+            fixed_bytes += nbytes
+        entries.append(e)
+    head = {"format": FORMAT, "version": VERSION, "data_bytes": size, "metadata": meta, "tensors": entries,
+            "files": [{"name": k, **longest} for k in files]}
+    fixed_bytes += PREFIX.size + len(json.dumps(head, separators=(",", ":")).encode()) + sum(map(len, files.values()))
+    if not n:
+        raise ContainerError(f"{src.label}: target size {target_size} given, but no tensor is quantized")
+    if size >= fixed_bytes + qraw:
+        raise ContainerError(f"target size {target_size} ({size:,} bytes) is not below the raw file "
+                             f"({fixed_bytes + qraw:,} bytes); store losslessly or raw instead")
+    if SIZE_AIM * size <= fixed_bytes:
+        raise ContainerError(f"target size {target_size} ({size:,} bytes) is below the header, raw tensors and side "
+                             f"files alone ({fixed_bytes:,} bytes)")
+    return 8.0 * (SIZE_AIM * size - fixed_bytes) / n
 
 
 def save_compressed(
@@ -190,6 +243,8 @@ def save_compressed(
     lossless: bool = False,
     target_bits: float | None = None,
     weights: Mapping[str, float] | None = None,
+    per_row: bool = False,
+    target_size: int | str | None = None,
 ) -> dict:
     """Quantize and entropy-code a model into a ``.ggz`` file (format version 2, written atomically).
 
@@ -207,15 +262,22 @@ def save_compressed(
     ``target_bits=B`` chooses each quantized tensor's step by the GG-model bit allocation so the
     quantized tensors take ``B`` bits/weight in the file (:mod:`ggprior.codec.target`; ``weights``:
     optional sensitivity weight per tensor name, default uniform); the ``ans`` coders only.
+    ``target_size`` (bytes, or ``"300MB"``, ``"1.5GiB"``) does the same for the whole file (header,
+    raw tensors, side files and tables included), which ends within 1 % under the size.
+    ``per_row=True`` gives every row (dim 0) of each quantized tensor of 2+ dimensions its own
+    step with relative RMS error ``rel_error`` on that row (stored as bfloat16 patterns).
     """
     coder = registry.check_coder(coder)
-    if (lossless or target_bits is not None) and (step is not None or bits is not None or rel_error is not None):
-        raise ContainerError(f"{'lossless' if lossless else 'target_bits'} takes no step, bits or rel_error")
-    if lossless and target_bits is not None:
-        raise ContainerError("lossless and target_bits exclude each other")
-    step, bits, rel_error = (None, None, None) if lossless or target_bits is not None else \
-        quant.resolve_rule(step, bits, rel_error)
-    rule = {"step": step, "bits": bits, "rel": rel_error}
+    modes = [k for k, v in (("lossless", lossless), ("target_bits", target_bits is not None),
+                            ("target_size", target_size is not None)) if v]
+    if len(modes) > 1:
+        raise ContainerError(f"{modes[0]} and {modes[1]} exclude each other")
+    if modes and (step is not None or bits is not None or rel_error is not None or per_row):
+        raise ContainerError(f"{modes[0]} takes no step, bits, rel_error or per_row")
+    if per_row and (step is not None or bits is not None):
+        raise ContainerError("per_row takes rel_error (default 0.005), not step or bits")
+    step, bits, rel_error = (None, None, None) if modes else quant.resolve_rule(step, bits, rel_error)
+    rule = {"step": step, "bits": bits, "rel": rel_error, "per_row": per_row}
     if not 1 <= int(chunk_values) <= CHUNK_MAX:
         raise ContainerError(f"chunk_values must lie in [1, {CHUNK_MAX}], got {chunk_values}")
     src = open_source(source)
@@ -233,7 +295,20 @@ def save_compressed(
     aliases = src.aliases()
     quantized = [] if lossless else [k for k in src if k not in aliases and _NAME_OF.get(src.dtype(k)) in FLOAT_DTYPES
                                      and math.prod(src.shape(k)) and quant.is_included(k, tuple(src.shape(k)), include)]
-    rules, target_rule = _step_rules(src, quantized, rule, target_bits, coder, gg_fit, weights, chunk_values)
+    meta = {"source": where, "coder": "lossless" if lossless else coder, "include": include,
+            "step_rule": "lossless" if lossless else f"target_size={target_size}" if target_size is not None
+            else f"target_bits={target_bits:g}" if target_bits is not None else quant.step_rule(step, bits, rel_error, per_row)}
+    if skipped:
+        meta["files_skipped"] = ", ".join(skipped)
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    try:
+        if target_size is not None:
+            target_bits = _size_to_bits(src, quantized, aliases, files, meta, coder, chunk_values, target_size)
+        rules = _step_rules(src, quantized, rule, target_bits, coder, gg_fit, weights, chunk_values)
+    except (AllocationError, CodingError) as err:
+        if target_size is None:
+            raise
+        raise ContainerError(f"target size {target_size} cannot be met: {err}") from err
     entries: list[dict] = []
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,16 +339,14 @@ def save_compressed(
                 e.update(encoding="raw", **spool.put(_raw_bytes(src[name])))
             entries.append(e)
         stored = [{"name": k, **spool.put(v)} for k, v in files.items()]
-        meta = {"source": where, "coder": "lossless" if lossless else coder, "include": include,
-                "step_rule": "lossless" if lossless else target_rule or quant.step_rule(step, bits, rel_error)}
-        if skipped:
-            meta["files_skipped"] = ", ".join(skipped)
-        meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
         header = {"format": FORMAT, "version": VERSION, "data_bytes": spool.size, "metadata": meta,
                   "tensors": entries, "files": stored}
         hbytes = json.dumps(header, separators=(",", ":")).encode()
         if len(hbytes) > HEADER_MAX:
             raise ContainerError(f"{path}: header of {len(hbytes)} bytes exceeds the {HEADER_MAX}-byte cap")
+        if target_size is not None and PREFIX.size + len(hbytes) + spool.size > parse_size(target_size):
+            raise ContainerError(f"{path}: target size {target_size} not met: the file would take "
+                                 f"{PREFIX.size + len(hbytes) + spool.size:,} bytes (nothing written)")
         f.seek(0)
         with written(path), atomic_path(path) as tmp, open(tmp, "wb") as out:
             out.write(PREFIX.pack(MAGIC, VERSION, len(hbytes), crc(hbytes)))
