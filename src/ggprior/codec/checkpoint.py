@@ -64,9 +64,11 @@ def decompress(
         shards = plan_shards(specs, max_shard_size)
         done = []
         with written(out), atomic_dir(out, overwrite=overwrite) as tmp:
-            for name, data in files.items():
-                if name == INDEX or name.endswith(".safetensors"):
+            for name, data in files.items():  # names checked by the reader: relative, no "..", no file also a folder
+                top = name.split("/")[0]
+                if top == INDEX or top.endswith(".safetensors"):
                     raise ContainerError(f"{path}: stored file {name!r} would clash with the weights")
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes(data)
                 done.append(out / name)
             names = (["model.safetensors"] if len(shards) == 1 else
