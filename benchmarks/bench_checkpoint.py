@@ -115,7 +115,7 @@ def main() -> None:
         goal_rss = 0.5 + 4 * 4 * largest / GB
         rows = {}
         for jobs in sorted({1, jobs_all}):
-            ggz = args.tmp / f"m{jobs}.ggz"
+            ggz = args.tmp / f"jobs{jobs}" / "m.ggz"  # one name: it is stored in the decoded files' metadata
             rows[f"compress_jobs{jobs}"] = run(["compress", str(src), str(ggz), "--jobs", str(jobs)])
             rows[f"decompress_jobs{jobs}"] = run(["decompress", str(ggz), str(args.tmp / f"out{jobs}"),
                                                   "--jobs", str(jobs), "--max-shard-size", "1GB"])
@@ -129,7 +129,7 @@ def main() -> None:
         decoded_same = all(sorted(p.name for p in o.iterdir()) == sorted(p.name for p in outs[0].iterdir())
                            and all(filecmp.cmp(p, outs[0] / p.name, shallow=False) for p in o.iterdir()) for o in outs)
         load_after = os.getloadavg()
-        files = {f"m{j}.ggz" for j in {1, jobs_all}}
+        files = {f"jobs{j}/m.ggz" for j in {1, jobs_all}}
         same = len({(args.tmp / f).read_bytes() for f in files}) == 1
         result = {
             "benchmark": "bench_checkpoint",
