@@ -3,7 +3,7 @@
 Writes a Hugging Face style folder of ``--gb`` GB of bf16 weights (``--tensors`` tensors of
 ``--values`` values each, GG-like, ``--shard-gb`` shards with a ``model.safetensors.index.json``),
 then runs ``ggprior compress`` and ``ggprior decompress`` (to a folder) in fresh subprocesses with
-``--jobs 1`` and ``--jobs`` = every core (torch's own intra-op threads set to 1, so ``--jobs`` is
+``--jobs 1`` and ``--jobs`` = every core (torch's and numba's own threads set to 1 with ``GGPRIOR_THREADS=1``, so ``--jobs`` is
 the only parallelism). For each run: wall time, CPU time, the time of the imports (torch, ...) and
 of the work after them, weights/s and the peak RSS of the subprocess (its ``VmHWM``), against the
 goal peak RSS <= 0.5 GB + 4 x the largest tensor's float32 size; the decode speedup of all jobs over
@@ -79,7 +79,8 @@ def run(cmd: list[str]) -> dict:
     at the fork, so it is only an upper bound."""
     cmd = [sys.executable, "-c", HWM, *cmd]
     t0 = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # parallelism is --jobs alone
+    # parallelism is --jobs alone: the CLI sets torch's and numba's threads from GGPRIOR_THREADS (else from the idle CPUs)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GGPRIOR_THREADS": "1"}
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
@@ -140,7 +141,7 @@ def main() -> None:
             "checkpoint": {"dtype": "bfloat16", "tensors": args.tensors, "values": n, "gb": round(2 * n / GB, 3),
                            "largest_tensor_values": largest, "seed": args.seed, "write_s": round(write_s, 1)},
             "defaults": "ggprior compress (coder ans, bits 10, chunks of 4M values); decompress to a folder, 1GB shards; "
-                        "OMP_NUM_THREADS=1",
+                        "OMP_NUM_THREADS=1, GGPRIOR_THREADS=1",
             "goal_peak_rss_gb": round(goal_rss, 3),
             "runs": rows,
             "files_identical_across_jobs": same,
