@@ -140,7 +140,7 @@ def main() -> None:
                         "load_avg_1_5_15_after": [round(x, 2) for x in load_after]},
             "checkpoint": {"dtype": "bfloat16", "tensors": args.tensors, "values": n, "gb": round(2 * n / GB, 3),
                            "largest_tensor_values": largest, "seed": args.seed, "write_s": round(write_s, 1)},
-            "defaults": "ggprior compress (coder ans, bits 10, chunks of 4M values); decompress to a folder, 1GB shards; "
+            "defaults": "ggprior compress (coder ans, the default rule rel_error=0.005, chunks of 4M values); decompress to a folder, 1GB shards; "
                         "OMP_NUM_THREADS=1, GGPRIOR_THREADS=1",
             "goal_peak_rss_gb": round(goal_rss, 3),
             "runs": rows,
