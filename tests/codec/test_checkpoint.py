@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,34 @@ def test_chunks_and_threads_give_the_same_tensors_and_bytes(tmp_path):
         assert len(next(e for e in one["tensors"] if e["name"] == "w")["chunks"]) == 21
         got, want = load_compressed(tmp_path / "a.ggz", jobs=4), quantized_state_dict(sd)
         assert all(torch.equal(got[k], want[k]) for k in sd), coder
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_decompress_is_byte_identical_across_jobs_with_two_tensors_in_memory_at_most(tmp_path, monkeypatch, single):
+    g = torch.Generator().manual_seed(6)
+    sd = {f"w{i}": (torch.randn(40 + i, 50, generator=g) * 0.02).to(torch.bfloat16) for i in range(7)}
+    sd["b"] = torch.randn(50, generator=g)
+    save_compressed(sd, tmp_path / "m.ggz", chunk_values=512, files={"config.json": b"{}"})
+    live, most, real = [0], [0], container.Reader.tensor
+
+    def counted(self, name):  # decoded tensors alive (not yet freed) while one is written
+        t = real(self, name)
+        live[0] += 1
+        weakref.finalize(t, lambda: live.__setitem__(0, live[0] - 1))
+        most[0] = max(most[0], live[0])
+        return t
+
+    monkeypatch.setattr(container.Reader, "tensor", counted)
+    outs = []
+    for jobs in (1, 2, 3):
+        out = tmp_path / (f"o{jobs}.safetensors" if single else f"o{jobs}")
+        decompress(tmp_path / "m.ggz", out, jobs=jobs, max_shard_size="12KB")
+        outs.append([(p.name, p.read_bytes()) for p in sorted(out.iterdir())] if not single else out.read_bytes())
+    assert outs[0] == outs[1] == outs[2] and (single or len(outs[0]) == 6)
+    assert most[0] <= 2
+    back = load_file(str(tmp_path / "o3.safetensors")) if single else _folder_state(tmp_path / "o3")
+    want = quantized_state_dict(sd)
+    assert set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
 
 
 def test_ans_table_is_stored_and_integer_exact(tmp_path):

@@ -41,7 +41,6 @@ def fit_cmd(
     import torch
 
     from ..io import SourceError, open_source, write_table
-    from ..report.plots import plot_fit
     from ..stats import LINEAR_ROW, MODEL_ROW, fit_model
 
     try:
@@ -54,6 +53,8 @@ def fit_cmd(
     files = write_table(rows, out, "fit", FIT_COLUMNS, title=f"GG fit of {src.label}")
     fitted = {r["name"]: r for r in rows if "gamma" in r}
     pngs = []
+    if plots > 0:  # matplotlib only when plotting
+        from ..report.plots import plot_fit
     for pool in (MODEL_ROW, LINEAR_ROW)[: max(0, plots)]:
         if pool in samples:
             values = samples[pool]

@@ -4,7 +4,8 @@
 ``model.safetensors.index.json`` above ``max_shard_size``, like ``save_pretrained``) and writes the
 stored side files (config, tokenizer, ...) beside them, so ``AutoModel*.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` load the folder as it is. Memory stays bounded by the largest
-tensor. :func:`from_pretrained` returns the transformers model of a ``.ggz`` file.
+tensor: the next tensor decodes while one is written, two at most. :func:`from_pretrained` returns the
+transformers model of a ``.ggz`` file.
 """
 
 from __future__ import annotations
@@ -12,25 +13,50 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..io.atomic import atomic_dir, atomic_path
 from ..io.tensors import DEFAULT_MAX_SHARD, SafetensorsWriter, plan_shards
-from .container import DTYPES, ContainerError, Reader, written
+from .container import DTYPES, ContainerError, Reader, default_jobs, written
 
 INDEX = "model.safetensors.index.json"
 
 
-def _write_file(r: Reader, path: Path, specs: list, metadata: dict, tick: Callable[[], None]) -> None:
-    with open(path, "wb") as f:
-        w = SafetensorsWriter(f, specs, metadata)
-        for name, _, _ in specs:
-            w.write(name, r.tensor(name))
-            tick()
-        w.close()
+def _decoded(r: Reader, names: list[str], depth: int) -> Iterator[torch.Tensor]:
+    """The tensors ``names`` in order; up to ``depth`` decode at once (the next ones while the caller
+    writes this one), their chunks sharing the reader's pool."""
+    with ThreadPoolExecutor(depth) as ahead:
+        window = deque(ahead.submit(r.tensor, n) for n in names[: depth - 1])
+        for k in range(len(names)):
+            if k + depth - 1 < len(names):
+                window.append(ahead.submit(r.tensor, names[k + depth - 1]))
+            yield window.popleft().result()
+
+
+def _write_files(r: Reader, plan: list[tuple[Path, list]], metadata: dict, jobs: int,
+                 tick: Callable[[], None]) -> None:
+    """Write each ``(path, specs)`` of ``plan`` as a safetensors file.
+
+    With more than one job, tensor k+1 decodes while tensor k is written, so the write is not a
+    serial step between decodes; at most two decoded tensors are in memory. With one job the
+    steps run in turn.
+    """
+    names = [name for _, specs in plan for name, _, _ in specs]
+    with closing(_decoded(r, names, 2 if jobs > 1 else 1)) as tensors:
+        for path, specs in plan:
+            with open(path, "wb") as f:
+                w = SafetensorsWriter(f, specs, metadata)
+                for name, _, _ in specs:
+                    w.write(name, next(tensors))  # no reference kept: freed before the next one is started
+                    tick()
+                w.close()
 
 
 def decompress(
@@ -47,6 +73,7 @@ def decompress(
     output appears complete or not at all. Returns the files written.
     """
     out = Path(out)
+    jobs = jobs or default_jobs()
     with Reader(path, max_bytes=max_bytes, jobs=jobs) as r:
         entries = r.header["tensors"]
         meta = {"format": "pt", "ggprior_source": Path(path).name}
@@ -56,7 +83,7 @@ def decompress(
                 raise FileExistsError(f"{out}: already exists (pass --overwrite / overwrite=True to replace it)")
             specs = [(e["name"], DTYPES[e["dtype"]][0], tuple(e["shape"])) for e in entries]
             with written(out), atomic_path(out) as tmp:
-                _write_file(r, tmp, specs, meta, bar.update)
+                _write_files(r, [(tmp, specs)], meta, jobs, bar.update)
             bar.close()
             return [out]
         files = r.files()
@@ -64,16 +91,17 @@ def decompress(
         shards = plan_shards(specs, max_shard_size)
         done = []
         with written(out), atomic_dir(out, overwrite=overwrite) as tmp:
-            for name, data in files.items():
-                if name == INDEX or name.endswith(".safetensors"):
+            for name, data in files.items():  # names checked by the reader: relative, no "..", no file also a folder
+                top = name.split("/")[0]
+                if top == INDEX or top.endswith(".safetensors"):
                     raise ContainerError(f"{path}: stored file {name!r} would clash with the weights")
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes(data)
                 done.append(out / name)
             names = (["model.safetensors"] if len(shards) == 1 else
                      [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-            for fname, shard in zip(names, shards, strict=True):
-                _write_file(r, tmp / fname, shard, meta, bar.update)
-                done.append(out / fname)
+            _write_files(r, [(tmp / f, shard) for f, shard in zip(names, shards, strict=True)], meta, jobs, bar.update)
+            done += [out / f for f in names]
             if len(shards) > 1:
                 total = sum(dt.itemsize * _numel(shape) for _, dt, shape in specs)
                 index = {"metadata": {"total_size": total},

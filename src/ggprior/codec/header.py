@@ -36,6 +36,10 @@ TABLE_CODERS = ("ans", "ans-hist")
 """Coders whose rANS frequency table is stored once per tensor (version 2)."""
 FILE_MAX = 64 << 20
 FILES_MAX = 256 << 20
+FILES_COUNT_MAX = 4096
+"""Most side files one file stores."""
+FILE_DEPTH_MAX = 8
+"""Most parts of a side file's path (``1_Pooling/config.json`` has 2)."""
 
 DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "float64": (torch.float64, "<f8"), "float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"),
@@ -78,10 +82,29 @@ def check_name(name: object, where: str) -> str:
 
 
 def check_file_name(name: object, where: str) -> str:
-    if (not isinstance(name, str) or not name or len(name) > 255 or name in (".", "..") or name.startswith(".")
-            or any(c in name for c in "/\\\x00")):
-        raise ContainerError(f"{where}: stored file name {name!r} is not a plain file name")
+    """The rule for side-file names (reader and writer): a relative path inside the model folder of at
+    most 255 characters and ``FILE_DEPTH_MAX`` parts split by ``/``; no part empty, ``.``, ``..`` or
+    hidden (starting with ``.``); no ``\\`` or NUL."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (not isinstance(name, str) or not name or len(name) > 255 or len(parts) > FILE_DEPTH_MAX
+            or any(not p or p.startswith(".") for p in parts) or any(c in name for c in "\\\x00")):
+        raise ContainerError(f"{where}: stored file name {name!r} is not a relative path inside the folder")
     return name
+
+
+def check_file_set(names: list[str], where: str) -> None:
+    """The rules for a file's side files together: at most ``FILES_COUNT_MAX``, unique, and no name
+    is also the folder of another (``a`` and ``a/b``)."""
+    if len(names) > FILES_COUNT_MAX:
+        raise ContainerError(f"{where}: {len(names)} side files, more than {FILES_COUNT_MAX}")
+    seen = set(names)
+    if len(seen) != len(names):
+        raise ContainerError(f"{where}: a side file name is duplicated")
+    for n in names:
+        parts = n.split("/")
+        for k in range(1, len(parts)):
+            if "/".join(parts[:k]) in seen:
+                raise ContainerError(f"{where}: side file {'/'.join(parts[:k])!r} is also the folder of {n!r}")
 
 
 def check_shape(shape: object, tag: str) -> int:
@@ -281,16 +304,15 @@ def parse(mm: memoryview, size: int, where: str) -> tuple[dict, int]:
     files = header.setdefault("files", [])
     if not isinstance(files, list) or (version == 1 and files):
         raise ContainerError(f"{where}: invalid file list")
-    seen = set()
     for f in files:
         if not isinstance(f, dict):
             raise ContainerError(f"{where}: invalid file entry")
         fname = check_file_name(f.get("name"), where)
         _check_stream(f, f"{where}: file {fname!r}")
-        if f["length"] > FILE_MAX or fname in seen:
-            raise ContainerError(f"{where}: file {fname!r} is duplicated or exceeds {FILE_MAX} bytes")
-        seen.add(fname)
+        if f["length"] > FILE_MAX:
+            raise ContainerError(f"{where}: file {fname!r} exceeds {FILE_MAX} bytes")
         spans.append((f["offset"], f["length"], fname))
+    check_file_set([f["name"] for f in files], where)
     spans.sort()
     end = 0
     for o, n, name in spans:

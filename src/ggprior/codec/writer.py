@@ -32,6 +32,7 @@ from .header import (
     CHUNK_VALUES,
     DTYPES,
     FILE_MAX,
+    FILES_COUNT_MAX,
     FILES_MAX,
     FLOAT_DTYPES,
     FORMAT,
@@ -44,6 +45,7 @@ from .header import (
     VERSION,
     ContainerError,
     check_file_name,
+    check_file_set,
     check_name,
     check_shape,
     chunk_bounds,
@@ -283,11 +285,11 @@ def save_compressed(
     src = open_source(source)
     where = src.label
     if files is None:
-        files, skipped = side_files(source, FILE_MAX)
+        files, skipped = side_files(source, FILE_MAX, max_count=FILES_COUNT_MAX, max_total=FILES_MAX)
     else:
         skipped = []
+    check_file_set([check_file_name(fname, where) for fname in files], where)
     for fname, data in files.items():
-        check_file_name(fname, where)
         if len(data) > FILE_MAX:
             raise ContainerError(f"{where}: file {fname!r} of {len(data)} bytes exceeds the {FILE_MAX}-byte cap")
     if sum(len(d) for d in files.values()) > FILES_MAX:

@@ -165,6 +165,8 @@ _ST_DTYPES = {
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ggz")
 SIDE_FILE_MAX = 64 << 20
 """Largest non-weight file of a model folder that is kept beside the weights (tokenizer.json of large vocabularies: ~20 MB)."""
+SIDE_DEPTH_MAX = 8
+"""Most parts of a kept file's path inside the folder (``1_Pooling/config.json`` has 2)."""
 
 
 def _shard_index(index: Path) -> dict[str, str]:
@@ -195,12 +197,17 @@ def _folder_files(path: Path) -> tuple[list[Path], tuple[Path, dict[str, str]] |
     return sorted(path.glob("*.safetensors")), None
 
 
-def side_files(source: object, max_bytes: int = SIDE_FILE_MAX) -> tuple[dict[str, bytes], list[str]]:
-    """The small non-weight files that make a model folder loadable (config, tokenizer, README, ...).
+def side_files(source: object, max_bytes: int = SIDE_FILE_MAX, *, max_count: int = 4096,
+               max_total: int = 256 << 20) -> tuple[dict[str, bytes], list[str]]:
+    """The small non-weight files that make a model folder loadable (config, tokenizer, README, and
+    the module folders of a sentence-transformers model such as ``1_Pooling/config.json``).
 
-    For a folder (or a built-in name): every top-level regular file that is not a weight file or a
-    shard index, of at most ``max_bytes``; for a transformers model: its ``config.json`` (with
-    ``architectures``) and ``generation_config.json``. Returns (name -> bytes, names skipped for size).
+    For a folder (or a built-in name): every regular file, in subfolders too (up to
+    ``SIDE_DEPTH_MAX`` parts, symlinked folders not followed), that is not hidden, a weight file or
+    a shard index, of at most ``max_bytes``; ``max_count`` files and ``max_total`` bytes at most,
+    in sorted path order. For a transformers model: its ``config.json`` (with ``architectures``)
+    and ``generation_config.json``. Returns (relative ``/`` path -> bytes, paths skipped for size or
+    count).
     """
     config = getattr(source, "config", None)
     if isinstance(source, nn.Module) and hasattr(config, "to_json_string"):
@@ -217,15 +224,28 @@ def side_files(source: object, max_bytes: int = SIDE_FILE_MAX) -> tuple[dict[str
     folder = builtin_model_dir(text) if text in BUILTIN_MODELS else Path(text)
     if not folder.is_dir():
         return {}, []
-    out, skipped = {}, []
-    for f in sorted(folder.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+    out, skipped, total = {}, [], 0
+    for f in _kept_files(folder, 1):
+        name, size = f.relative_to(folder).as_posix(), f.stat().st_size
+        unstorable = len(name) > 255 or "\\" in name  # names a .ggz cannot hold
+        if unstorable or size > max_bytes or len(out) >= max_count or total + size > max_total:
+            skipped.append(name)
             continue
-        if f.stat().st_size > max_bytes:
-            skipped.append(f.name)
-            continue
-        out[f.name] = f.read_bytes()
+        out[name] = f.read_bytes()
+        total += size
     return out, skipped
+
+
+def _kept_files(folder: Path, depth: int) -> Iterator[Path]:
+    """The candidate side files in ``folder`` (``depth`` parts below the model folder) and its subfolders, sorted."""
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if f.is_dir():
+            if depth < SIDE_DEPTH_MAX and not f.is_symlink():
+                yield from _kept_files(f, depth + 1)
+        elif f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json"):
+            yield f
 
 
 def open_source(source: str | os.PathLike | nn.Module | Mapping[str, torch.Tensor]) -> TensorSource:

@@ -16,13 +16,15 @@ the two-pass :func:`ggprior.gg.fit` to about 1e-9), and a pool adds its members'
 sums; pass 2 reads each tensor once more for the centred sums of its pools around the pools'
 means (:func:`ggprior.gg.fit.centred_sums`, the one kernel of the two-pass fits). Goodness of fit of a row is measured on at most
 ``max_gof_values`` values (default 65,536): the whole tensor when it is smaller, else a seeded
-uniform subsample (pools sample each member in proportion).
+uniform subsample (pools sample each member in proportion). It runs in a background thread while
+pass 2 reads the next tensors (``GOF_AHEAD`` rows at most waiting); the rows are the same as in turn.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +44,8 @@ GROUP_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
 GROUPS = tuple(g for g, _ in GROUP_PATTERNS) + ("other",)
 MODEL_ROW = "__model__"
 LINEAR_ROW = "__linear__"
+GOF_AHEAD = 4
+"""Rows whose goodness of fit may still be pending while pass 2 reads on (their samples held)."""
 
 
 def tensor_group(name: str) -> str:
@@ -110,7 +114,6 @@ def fit_model(
     gen = torch.Generator().manual_seed(seed)
     total = sum(src.numel(n) for n in names)
     pools: dict[str, _Pool] = {MODEL_ROW: _Pool(gg.MomentAccumulator(f"{src.label} (model)"))}
-    rows: list[dict] = []
     skipped: list[dict] = []
 
     # Pass 1: the one-pass fit of every tensor; a pool adds its members' counts and sums.
@@ -136,40 +139,47 @@ def fit_model(
             pool.acc.add_sums(n, s1)
             pool.members.append(name)
 
-    # Pass 2: centred moments of every pool around its own mean, and the GOF samples.
-    for name in tqdm(names, desc="fit pass 2", unit="tensor", disable=not progress):
-        sample = []
-        for c in src.iter_chunks(name):
-            c = c.reshape(-1)
-            for pool in member_of[name]:
-                pool.acc.add_centered(c)
-            if gof and c.numel():
-                sample.append(_subsample(c, max(1, max_gof_values * c.numel() // counts[name]), gen))
+    # Pass 2: centred moments of every pool around its own mean, and the GOF samples. The goodness
+    # of fit of a row (one torch thread) runs in a background thread while the next tensor is read.
+    with ThreadPoolExecutor(1) as background:
+        done: list[Future] = []  # the rows, in order
+        for name in tqdm(names, desc="fit pass 2", unit="tensor", disable=not progress):
+            sample = []
+            for c in src.iter_chunks(name):
+                c = c.reshape(-1)
                 for pool in member_of[name]:
-                    pool.sample.append(_subsample(c, max(1, max_gof_values * c.numel() // pool.acc.n), gen))
-        extra = {"group": tensor_group(name), "shape": "x".join(map(str, src.shape(name)))}
-        fit = fits[name]
-        if isinstance(fit, ValueError):
-            skipped.append({"name": name, **extra, "numel": src.numel(name), "note": str(fit)})
-            continue
-        if mle:
-            fit = gg.refine_mle(lambda name=name: src.iter_chunks(name), fit, name=name)
-        rows.append(_row(name, fit, torch.cat(sample) if sample else None, extra))
-    pool_rows = []
-    for key in [MODEL_ROW, LINEAR_ROW, *(f"group:{g}" for g in GROUPS)]:
-        if key not in pools:
-            continue
-        pool = pools[key]
-        extra = {"group": key, "shape": f"{len(pool.members)} tensors"}
-        try:
-            fit = pool.acc.fit()
-        except ValueError as e:
-            pool_rows.append({"name": key, **extra, "numel": pool.acc.n, "note": str(e)})
-            continue
-        values = torch.cat(pool.sample) if gof else None
-        if pool_samples is not None and values is not None:
-            pool_samples[key] = values
-        pool_rows.append(_row(key, fit, values, extra))
+                    pool.acc.add_centered(c)
+                if gof and c.numel():
+                    sample.append(_subsample(c, max(1, max_gof_values * c.numel() // counts[name]), gen))
+                    for pool in member_of[name]:
+                        pool.sample.append(_subsample(c, max(1, max_gof_values * c.numel() // pool.acc.n), gen))
+            extra = {"group": tensor_group(name), "shape": "x".join(map(str, src.shape(name)))}
+            fit = fits[name]
+            if isinstance(fit, ValueError):
+                skipped.append({"name": name, **extra, "numel": src.numel(name), "note": str(fit)})
+                continue
+            if mle:
+                fit = gg.refine_mle(lambda name=name: src.iter_chunks(name), fit, name=name)
+            if len(done) > GOF_AHEAD:  # bound the samples waiting for their goodness of fit
+                done[-GOF_AHEAD - 1].result()
+            done.append(background.submit(_row, name, fit, torch.cat(sample) if sample else None, extra))
+        pooled: list[Future] = []
+        for key in [MODEL_ROW, LINEAR_ROW, *(f"group:{g}" for g in GROUPS)]:
+            if key not in pools:
+                continue
+            pool = pools[key]
+            extra = {"group": key, "shape": f"{len(pool.members)} tensors"}
+            try:
+                fit = pool.acc.fit()
+            except ValueError as e:
+                pooled.append(background.submit(dict, name=key, **extra, numel=pool.acc.n, note=str(e)))
+                continue
+            values = torch.cat(pool.sample) if gof else None
+            if pool_samples is not None and values is not None:
+                pool_samples[key] = values
+            pooled.append(background.submit(_row, key, fit, values, extra))
+        rows = [f.result() for f in done]
+        pool_rows = [f.result() for f in pooled]
     assert sum(r["numel"] for r in rows) + sum(r["numel"] for r in skipped) == total
     if not rows and all("note" in r for r in pool_rows):
         raise ValueError(f"{src.label}: nothing to fit ({skipped[0]['note'] if skipped else pool_rows[0]['note']})")
