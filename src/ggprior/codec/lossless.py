@@ -44,7 +44,6 @@ import zlib
 import numpy as np
 import torch
 from numba import njit
-from scipy import optimize
 
 from ..gg import fit as gg_fit
 from . import (
@@ -256,6 +255,8 @@ def fit_gg_model(a: np.ndarray, counts: np.ndarray, name: str, k: int, smin: int
     x0 = np.array([f.mu / scale, math.log(f.beta), math.log(f.gamma)])
     best = x0
     if math.isfinite(cost(x0)):
+        from scipy import optimize  # only when fitting the exponent law; keeps SciPy's optimizer out of decoding
+
         res = optimize.minimize(cost, x0, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-3, "maxiter": 200})
         if res.fun <= cost(x0):
             best = res.x
