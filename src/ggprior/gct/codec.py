@@ -13,10 +13,11 @@ Frame (:func:`encode_frame` / :func:`decode_frame`), little-endian:
 
     u8 coder id | f32 step | u32 n | i64 x (number of coder parameters) | coded stream
 
-Coders: ``eg`` (Exp-Golomb, best order; ``ggprior.codec.expgolomb``) and ``ans`` (rANS under the
-message's own histogram, count table inside the stream; ``ggprior.codec.ans``). Their
-parameters come from :mod:`ggprior.codec.registry`, which checks them on decoding. A message
-whose integer range exceeds the rANS alphabet (``ans.NSYM_MAX``) is sent with ``eg`` instead.
+Coders: ``eg`` (Exp-Golomb, best order; ``ggprior.codec.expgolomb``; its parameters come from
+:mod:`ggprior.codec.registry`, which checks them on decoding) and ``ans`` (the table-driven rANS of
+``ggprior.codec.rans`` under the message's own histogram, quantized integer-exactly: parameters
+``qmin``, ``nsym`` and the packed table's length, then the packed table and the rANS stream). A
+message whose integer range exceeds the rANS alphabet (``rans.NSYM_MAX``) is sent with ``eg`` instead.
 
 A third frame kind, ``raw`` (:func:`encode_raw`, coder id 2, no coder parameters), carries float32
 values as they are: the fallback for a bucket that cannot be coded (non-finite values, integers
@@ -30,11 +31,13 @@ import struct
 import numpy as np
 import torch
 
-from ..codec import ans, registry
+from ..codec import rans, registry
 from ..codec.bits import CodingError
+from ..codec.histogram import histogram
 from ..codec.quantizer import check_step
 
 CODERS = {"eg": "eg", "ans": "ans-hist"}
+_RANS_KEYS = ("qmin", "nsym", "table_bytes")
 _IDS = {name: i for i, name in enumerate(CODERS)}
 RAW_ID = len(CODERS)
 Q_MAX = 1 << 30  # largest |integer| a frame carries; beyond it the bucket is sent raw
@@ -77,10 +80,16 @@ def encode_frame(q: np.ndarray, step: float, coder: str = "ans") -> bytes:
     if coder not in CODERS:
         raise CodingError(f"unknown gradient coder {coder!r}; known: {', '.join(CODERS)}")
     q = np.ascontiguousarray(np.asarray(q).reshape(-1))
-    if coder == "ans" and q.size and int(q.max()) - int(q.min()) >= ans.NSYM_MAX:
-        coder = "eg"  # the rANS alphabet is bounded; such a wide range is rare (a tiny step)
-    stream, params = registry.encode(CODERS[coder], q)
-    values = [params[k] for k in registry._PARAM_KEYS[CODERS[coder]]]
+    if coder == "ans" and (not q.size or int(q.max()) - int(q.min()) >= rans.NSYM_MAX):
+        coder = "eg"  # the rANS alphabet is bounded (a wide range is rare: a tiny step); nothing to model when empty
+    if coder == "ans":
+        qmin, freqs = registry.rans_table("ans-hist", histogram(q), None)
+        table = rans.pack_freqs(freqs)
+        stream = table + rans.encode((q - qmin).astype(np.int32), freqs)
+        values = [qmin, freqs.size, len(table)]
+    else:
+        stream, params = registry.encode(CODERS[coder], q)
+        values = [params[k] for k in registry._PARAM_KEYS[CODERS[coder]]]
     head = _HEAD.pack(_IDS[coder], check_step(step), q.size, len(values))
     return head + b"".join(_PARAM.pack(int(v)) for v in values) + stream
 
@@ -109,7 +118,7 @@ def decode_frame(data: bytes | memoryview) -> tuple[np.ndarray, float]:
     if cid >= len(CODERS):
         raise CodingError(f"gradient frame names unknown coder id {cid}")
     name = list(CODERS.values())[cid]
-    keys = registry._PARAM_KEYS[name]
+    keys = _RANS_KEYS if name == "ans-hist" else registry._PARAM_KEYS[name]
     if nparams != len(keys) or len(mv) < _HEAD.size + nparams * _PARAM.size:
         raise CodingError(f"gradient frame: {nparams} coder parameters, coder {name!r} takes {len(keys)}")
     off = _HEAD.size
@@ -117,4 +126,10 @@ def decode_frame(data: bytes | memoryview) -> tuple[np.ndarray, float]:
     for k in keys:
         params[k] = _PARAM.unpack_from(mv, off)[0]
         off += _PARAM.size
-    return registry.decode(name, mv[off:], n, params), check_step(step)
+    if name != "ans-hist":
+        return registry.decode(name, mv[off:], n, params), check_step(step)
+    tb = params["table_bytes"]
+    if not 0 < tb <= len(mv) - off or abs(params["qmin"]) > Q_MAX:
+        raise CodingError(f"gradient frame: table of {tb} bytes or qmin {params['qmin']} does not fit the frame")
+    freqs, _ = rans.unpack_freqs(mv[off:off + tb], params["nsym"], rans.PROB_BITS)
+    return rans.decode(mv[off + tb:], freqs, n).astype(np.int64) + params["qmin"], check_step(step)
