@@ -10,7 +10,9 @@ encoder, casts to bfloat16 and FP8 E4M3 (torch), and casts back.
 Layers (issue 15): per shape ``d_in x d_out`` and batch 1 / 8 / 32, under ``torch.no_grad``, the time
 of one forward of ``nn.Linear`` in float32 (the baseline), of ``RF8Linear`` (the fused path, weight
 held as 1-byte codes), of ``RF8Linear.reference_forward`` (decode-then-matmul, the path before the
-fused kernels), of ``QuantLinear`` in int8 and fp8-e4m3-scaled (the same kernel), and, where the CPU
+fused kernels), of ``QuantLinear`` in int8 and fp8-e4m3-scaled (the same kernel), of a plain
+``nn.Linear`` holding the RF8 ``QuantWeight`` Parameter (``rf8_plain_linear``: ``F.linear`` reaches the
+same kernel through ``QuantWeight.__torch_function__``), and, where the CPU
 has AVX-512 VBMI (``kernel``: ``vbmi``), of ``RF8Linear`` on the portable numba kernels
 (``rf8_numba``, what a CPU without VBMI runs). Each figure is
 the median over ``--repeat`` samples of the wall time and the process CPU time per call (a sample
@@ -110,9 +112,12 @@ def layers(repeat: int) -> list[dict]:
         nn.init.normal_(lin.weight, std=d_in ** -0.5)
         q = formats.RF8Linear.from_linear(lin)
         others = {f: formats.QuantLinear.from_linear(lin, f) for f in ("int8", "fp8-e4m3-scaled")}
+        plain = nn.Linear(d_in, d_out)
+        plain.weight, plain.bias = q.weight, q.bias  # the subclass in an unconverted layer
         for batch in BATCHES:
             x = torch.randn(batch, d_in)
             calls = {"fp32": partial(lin, x), "rf8": partial(q, x), "rf8_reference": partial(q.reference_forward, x),
+                     "rf8_plain_linear": partial(plain, x),
                      **{f: partial(m, x) for f, m in others.items()}}
             with torch.no_grad():
                 err = float((q(x) - q.reference_forward(x)).abs().max())

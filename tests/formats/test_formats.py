@@ -148,23 +148,46 @@ def test_convert_transformers_models_and_reload_from_safetensors(arch, tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_tie_weights_after_conversion_requantizes_the_head(arch):
+def test_tied_embedding_and_head_share_one_quantized_parameter(arch):
     model = _lm(arch)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    w0 = model.get_input_embeddings().weight.detach().clone()
     formats.to_format(model, "int8")
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    codes = head.weight_codes.clone()
+    assert head.weight is emb.weight and isinstance(head.weight, nn.Parameter)
+    assert isinstance(head.weight, formats.QuantWeight) and not head.weight.requires_grad
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    assert model.get_parameter(f"{head_name}.weight") is head.weight
+    assert dict(head.named_parameters())["weight"] is head.weight
+    quantized = [p for p in model.parameters() if isinstance(p, formats.QuantWeight)]  # parameters() dedupes
+    assert len(quantized) == len(formats.quantized_layers(model))  # the tied weight is held once
+    assert torch.equal(emb.weight.dequantize(), formats.roundtrip(w0, "int8"))
     with torch.no_grad():
+        assert torch.equal(emb(ids), formats.roundtrip(w0, "int8")[ids])  # F.embedding decodes the rows gathered
         out = model(ids).logits
-        model.tie_weights()  # assigns the embedding's Parameter to head.weight: re-encoded, same codes
-        assert torch.equal(head.weight_codes, codes) and torch.equal(model(ids).logits, out)
-        emb.weight.mul_(2.0)
-        model.tie_weights()
-    assert isinstance(head, formats.QuantLinear) and "weight" not in dict(head.named_parameters())
-    assert torch.equal(head.weight, formats.roundtrip(emb.weight.detach(), "int8"))
+        model.tie_weights()  # assigns the embedding's Parameter to the head: still the one Parameter
+        assert head.weight is emb.weight and torch.equal(model(ids).logits, out)
+        emb.weight.mul_(2.0)  # in place: decoded, doubled, encoded back into the shared codes
+        assert torch.equal(head.weight.dequantize(), formats.roundtrip(2 * formats.roundtrip(w0, "int8"), "int8"))
+        head.weight = w0  # a float tensor is encoded into the (shared) codes
+        assert torch.equal(emb.weight.dequantize(), formats.roundtrip(w0, "int8"))
     with pytest.raises(ValueError, match="expected a tensor of that shape"):
         head.weight = emb.weight[:, :3]
+
+
+def test_quantized_file_of_a_tied_model_loads_into_a_converted_model(tmp_path):
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    model = formats.to_format(_lm("gpt2"), "int8")
+    with torch.no_grad():
+        out = model(ids).logits
+    path = formats.save_quantized_model(model, tmp_path / "m.safetensors")  # the tied embedding: stored decoded
+    torch.manual_seed(1)
+    fresh = formats.to_format(models.build_model("gpt2", "lm", vocab_size=256, max_positions=32).eval(), "int8")
+    formats.load_quantized_model(fresh, path)
+    assert fresh.get_output_embeddings().weight is fresh.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, out)
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "fp8-e5m2-scaled", "int8", "rf8-authors"])

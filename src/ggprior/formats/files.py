@@ -26,6 +26,7 @@ from ..io.sources import TensorSource, open_source
 from ..io.tensors import dedupe
 from .layers import layer_format, make_layer, quantized_layers
 from .metrics import error_stats
+from .quant_tensor import QuantWeight
 from .registry import FORMATS, Format, QTensor, get_format
 from .surgery import get_module, is_conv1d, is_linear, linear_weight, set_module
 
@@ -122,7 +123,9 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike) -> Path:
         dtype = m.bias.dtype if m.bias is not None else torch.float32
         entries[f"{name}.weight" if name else "weight"] = _entry(
             FORMATS[fmt], (m.out_features, m.in_features), dtype, "linear")
-    return _write(dict(model.state_dict()), entries, path)
+    # a QuantWeight outside a quantized layer (an embedding tied to a converted LM head) is stored decoded
+    state = {k: v.dequantize() if isinstance(v, QuantWeight) else v for k, v in model.state_dict().items()}
+    return _write(state, entries, path)
 
 
 class QuantizedFile(NamedTuple):

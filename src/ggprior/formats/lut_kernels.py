@@ -12,7 +12,7 @@ times a scale per tensor or per output row. :func:`lut_linear` keeps the weight 
   weight rows into a small float32 buffer that ``torch.addmm`` multiplies against the whole
   batch, block after block.
 
-CPU and float32 only; :class:`~ggprior.formats.layers.QuantLinear` falls back to decode-then-matmul
+CPU and float32 only; :func:`~ggprior.formats.quant_tensor.quant_linear` falls back to decode-then-matmul
 in torch elsewhere (CUDA, fp16/bf16 inputs, a gradient wanted for the input). Threads: the VBMI
 kernels split the weight rows among ``torch.get_num_threads()`` threads, the numba kernels run on
 ``numba.get_num_threads()`` (:func:`ggprior.threads.configure_threads` sets both), for weights of
