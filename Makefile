@@ -8,7 +8,7 @@ else
 PY ?= .venv/bin/python
 endif
 
-.PHONY: install run test test-slow bench venv
+.PHONY: install run test test-slow check-report bench venv
 
 venv:
 	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
@@ -27,6 +27,9 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow
+
+check-report: install
+	$(PY) -m pytest -m full_report
 
 bench: install
 	for b in benchmarks/bench_*.py; do $(PY) $$b; done

@@ -159,9 +159,8 @@ def test_torch_compile_traces_the_fused_path_as_one_op(kernel):
         assert torch.allclose(compiled(x), layer(x), atol=1e-6)
 
 
-def test_vbmi_threads_split_the_rows_without_changing_the_result(kernel):
-    if kernel != "vbmi":
-        pytest.skip("the VBMI kernels' thread pool")
+@pytest.mark.skipif(not lut_kernels.lut_vbmi.available(), reason="the CPU has no AVX-512 VBMI")
+def test_vbmi_threads_split_the_rows_without_changing_the_result():
     layer = _layer("int8", 130, 200)
     x = torch.randn(11, 130)
     args = (x, layer.weight_codes.view(torch.uint8), lut_kernels.lut_table("int8"), layer.weight_scale,
