@@ -14,6 +14,7 @@ identical parameters.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                           "bytes_per_step": comm["bytes_per_step"], "fp32_bytes_per_step": 4 * values,
                           "raw_buckets": comm["raw_buckets"], "in_sync": len(set(sums)) == 1}))
     dist.barrier()
+    gc.collect()  # free the DDP model (and its reducer) while the process group still exists
     dist.destroy_process_group()
 
 

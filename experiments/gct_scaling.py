@@ -54,6 +54,7 @@ def measure(worlds: list[int], max_train: int, epochs: int) -> list[dict]:
             row = {"world": world, "method": name, "steps": res[0]["steps"], "values": res[0]["values_per_step"],
                    "accuracy": res[0]["metrics"]["test"]["accuracy"],
                    "payload_bytes_per_step": float(np.mean([c["bytes_per_step"] for c in comm])),
+                   "stage2_bytes_per_step": float(np.mean([c.get("stage2_bytes_per_step", 0.0) for c in comm])),
                    "wire_bytes_per_step": float(np.mean([c["wire_bytes_per_step"] for c in comm])),
                    "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in res])), "wall_s": wall}
             if method == "allreduce" or method == "fp16" or method == "powersgd":
@@ -129,14 +130,11 @@ def model(measured: list[dict], speed: dict) -> dict:
     by = {(r["world"], r["method"]): r for r in measured}
     w0 = min(r["world"] for r in measured)
     n = by[(w0, "allreduce")]["values"]
-    # bits per value of GCT's two stages, from the measured runs (the per-frame overhead split off)
-    ag = by[(w0, "gct-allgather")]
-    c1 = 8 * ag["payload_bytes_per_step"] / n
-    rs_rows = [r for r in measured if r["method"] == "gct-reduce_scatter"]
-    rs = max(rs_rows, key=lambda r: r["world"])
-    # a worker's reduce-scatter payload is its W stage-1 chunks (~ c1) plus the stage-2 frame of its own shard
-    # (1/W of the stage-2 total)
-    c2 = max(rs["world"] * (8 * rs["payload_bytes_per_step"] / n - c1), 0.0)
+    # bits per value of GCT's two stages, measured at the largest world of the reduce-scatter runs: stage 1 = its
+    # W chunks (the whole bucket once), stage 2 = its own shard's frame (1/W of the bucket)
+    rs = max((r for r in measured if r["method"] == "gct-reduce_scatter"), key=lambda r: r["world"])
+    c1 = 8 * (rs["payload_bytes_per_step"] - rs["stage2_bytes_per_step"]) / n
+    c2 = rs["world"] * 8 * rs["stage2_bytes_per_step"] / n
     # PowerSGD runs plain allreduce for its first 2 steps (powersgd_start=2): take them out
     psgd = [r for r in measured if r["method"] == "powersgd" and r["steps"] > 2]
     psgd_frac = min((r["payload_bytes_per_step"] * r["steps"] - 2 * 4 * n) / (r["steps"] - 2) for r in psgd) / (4 * n) \

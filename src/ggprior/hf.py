@@ -24,6 +24,7 @@ checkpoint of the broken model (the last good checkpoint is kept).
 from __future__ import annotations
 
 import math
+import weakref
 
 from torch import nn
 from transformers import TrainerCallback
@@ -143,7 +144,9 @@ class GCTCallback(TrainerCallback):
     """
 
     def __init__(self, trainer, config=None, *, timeout: float | None = None):
-        self.trainer, self.config, self.timeout = trainer, config, timeout
+        # a weak reference: the trainer holds this callback, and a cycle would keep the DDP model (and its
+        # reducer) alive until interpreter exit, after the process group is gone
+        self._trainer, self.config, self.timeout = weakref.ref(trainer), config, timeout
         self.state = None
         self._registered: int | None = None
 
@@ -152,11 +155,15 @@ class GCTCallback(TrainerCallback):
 
         from .gct import register_gct
 
-        wrapped = getattr(self.trainer, "model_wrapped", None)
+        wrapped = getattr(self._trainer(), "model_wrapped", None)
         if not isinstance(wrapped, DistributedDataParallel) or self._registered == id(wrapped):
             return
         self.state = register_gct(wrapped, self.config, timeout=self.timeout)
         self._registered = id(wrapped)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.state is not None:
+            self.state.close()  # joins the coding thread before the process group and interpreter shut down
 
 
 def enable_gct(trainer, config=None, *, timeout: float | None = None) -> GCTCallback:

@@ -19,6 +19,7 @@ class CommStats:
     steps: int = 0
     values: int = 0
     payload_bytes: int = 0
+    stage2_bytes: int = 0
     wire_bytes: int = 0
     eg0_bits: int = 0
     eg_bits: int = 0
@@ -35,7 +36,8 @@ class CommStats:
         s = max(self.steps, 1)
         v = max(self.values, 1)
         out = {k: v_ for k, v_ in asdict(self).items() if k != "extra"}
-        out.update(bytes_per_step=self.payload_bytes / s, wire_bytes_per_step=self.wire_bytes / s,
+        out.update(bytes_per_step=self.payload_bytes / s, stage2_bytes_per_step=self.stage2_bytes / s,
+                   wire_bytes_per_step=self.wire_bytes / s,
                    bits_per_value=8 * self.payload_bytes / v, eg0_bytes_per_step=self.eg0_bits / 8 / s,
                    eg_bytes_per_step=self.eg_bits / 8 / s, entropy_bytes_per_step=self.entropy_bits / 8 / s,
                    zero_frac=self.zeros / v, hook_ms_per_step=1e3 * self.hook_seconds / s,

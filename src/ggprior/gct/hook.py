@@ -44,7 +44,8 @@ a bucket of another size, or a failed collective (a worker died, or did not answ
 timeout) completes the future with :class:`GCTError`, which DDP raises from ``backward()``;
 later buckets fail at once, so nothing hangs.
 
-Counts (:class:`CommStats`): the coded bytes each worker produces per step (``payload_bytes``),
+Counts (:class:`CommStats`): the coded bytes each worker produces per step (``payload_bytes``; of
+them, the reduce-scatter exchange's second-stage frame in ``stage2_bytes``),
 the bytes it puts on the wire (``wire_bytes``: padded all_gather blocks forwarded on a ring, its
 all_to_all chunks, the length headers), the raw-fallback buckets, and for the first-stage
 integers the Exp-Golomb order-0 and best-order sizes and the zeroth-order entropy (from the
@@ -185,12 +186,15 @@ class GCTState:
                 return
             job()
 
-    def close(self) -> None:
-        """Stop the background thread (it is a daemon thread; this only ends it early)."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the background thread and wait for it (a thread that touched torch and is still alive at
+        interpreter exit can abort the process); a later exchange starts a new one."""
         with self._lock:
+            thread, self._thread = self._thread, None
             if self._queue is not None:
                 self._queue.put(None)
-            self._thread = None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 def _check_configs(state: GCTState, world: int) -> None:
@@ -302,6 +306,7 @@ def _exchange_bucket(state: GCTState, buf: torch.Tensor, layout: _Layout, params
         _decode_into(shards, bounds, n, total, who, own=(rank, _dequant(qn2, step2, mine, x)))
         sent = sum(len(c) for j, c in enumerate(chunks) if j != rank)
         stats.payload_bytes += sum(len(c) for c in chunks) + len(frame2)
+        stats.stage2_bytes += len(frame2)
         stats.wire_bytes += 8 * 2 * (world - 1) + sent + (world - 1) * block
     code_s += time.perf_counter() - t1
     if cfg.error_feedback and new_res is not None:
