@@ -35,13 +35,11 @@ from .. import gg
 from ..gg.moments import fit_moments
 from .reshape import (
     BIN_WIDTH,
-    MAX_BINS,
-    MIN_BETA_BINS,
     N_MIN,
-    ROUNDINGS,
     ShapeReport,
     _check_args,
     _entropy,
+    _target,
     _trim,
     _work_dtype,
 )
@@ -278,46 +276,13 @@ def reshape_values_fast(
     ulev, ucnt = _levels(sv_np, w)
     start, end, a, b, nmin, cut_width = _trim(ulev, ucnt, n_min, w, name)
     core_fit = gg.fit(sv[start:end], name=name) if exact else fit_moments(sv[start:end], name=name)
-    mu = core_fit.mu
-    gamma_t, beta_t = k_gamma * core_fit.gamma, k_beta * core_fit.beta
-    if not gg.GAMMA_MIN <= gamma_t <= gg.GAMMA_MAX:
-        raise ValueError(
-            f"{name}: target gamma {gamma_t:.4g} = {k_gamma} x {core_fit.gamma:.4g} lies outside "
-            f"[{gg.GAMMA_MIN}, {gg.GAMMA_MAX}]"
-        )
-    if beta_t < MIN_BETA_BINS * w:
-        raise ValueError(
-            f"{name}: target beta {beta_t:.4g} is too narrow for bin width {w:.4g} (needs >= {MIN_BETA_BINS} bins "
-            "per beta to hit the target shape); use a smaller bin width"
-        )
-    r0, r1, ra, rb = (0, n, int(ulev[0]), int(ulev[-1])) if tails == "reshape" else (start, end, a, b)
-    if tails == "keep":
-        a2, b2 = a, b
-    else:
-        q = torch.tensor([max(r0, 0.5) / n, 1.0 - max(n - r1, 0.5) / n], dtype=torch.float64)
-        lo_t, hi_t = (float(t) for t in gg.ppf(q, mu, beta_t, gamma_t))
-        if not (abs(lo_t) + abs(hi_t)) / w < MAX_BINS:
-            raise ValueError(f"{name}: the target range [{lo_t:.4g}, {hi_t:.4g}] needs more than {MAX_BINS:,} bins "
-                             f"of width {w:.4g}; use a larger bin width")
-        a2, b2 = round(lo_t / w + 0.5), round(hi_t / w + 0.5) - 1
-    lo_edge, hi_edge = (a2 - 0.5) * w, (b2 + 0.5) * w
-    if b2 - a2 >= MAX_BINS:
-        raise ValueError(f"{name}: the remapped range needs {b2 - a2 + 1:,} bins of width {w:.4g} "
-                         f"(at most {MAX_BINS:,}); use a larger bin width")
-    if b2 < a2 or not lo_edge < mu < hi_edge:
-        raise ValueError(
-            f"{name}: target beta {beta_t:.4g} is too narrow for bin width {w:.4g}; use a smaller bin width"
-        )
-    edges = (torch.arange(a2, b2 + 2, dtype=torch.float64) - 0.5) * w
-    probs = torch.diff(gg.cdf(edges, mu, beta_t, gamma_t))
-    if float(probs.sum()) <= 0.0:
-        raise ValueError(f"{name}: the target puts no mass on bins {a2}..{b2}; check k_gamma/k_beta")
-    counts = ROUNDINGS[rounding](probs, r1 - r0)
+    t = _target(core_fit, k_gamma, k_beta, w, n, (start, end, a, b), (int(ulev[0]), int(ulev[-1])), tails,
+                rounding, name)
+    mu, gamma_t, beta_t, r0, r1, ra, rb, a2, lo_edge, hi_edge, counts, tail_scale = t
     low_map = high_map = None
-    if tails == "scale":
-        lo_f, hi_f = (float(t) - mu for t in gg.ppf(q, mu, core_fit.beta, core_fit.gamma))
-        low_map = (lo_edge, (ra - 0.5) * w, (lo_t - mu) / lo_f)
-        high_map = (hi_edge, (rb + 0.5) * w, (hi_t - mu) / hi_f)
+    if tail_scale is not None:
+        low_map = (lo_edge, (ra - 0.5) * w, tail_scale[0])
+        high_map = (hi_edge, (rb + 0.5) * w, tail_scale[1])
 
     # float16 / bfloat16 (no NumPy or numba type): values in float64, rounded once to the dtype, as the reference
     store = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float64

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -208,6 +209,71 @@ def _core(cnt: torch.Tensor, n_min: int) -> tuple[int, int]:
     return int(ok[0]), int(ok[-1])
 
 
+class _Target(NamedTuple):
+    mu: float
+    gamma_t: float
+    beta_t: float
+    r0: int
+    r1: int
+    ra: int
+    rb: int
+    a2: int
+    lo_edge: float
+    hi_edge: float
+    counts: torch.Tensor
+    tail_scale: tuple[float, float] | None  # tails="scale": the factors of the low and high tail
+
+
+def _target(core_fit, k_gamma: float, k_beta: float, w: float, n: int, core: tuple[int, int, int, int],
+            ends: tuple[int, int], tails: str, rounding: str, name: str) -> _Target:
+    """The target GG of a group and the exact count of each target bin (shared by both reshape paths).
+
+    ``core`` is ``_trim``'s (start, end, a, b); ``ends`` the lowest and highest grid level of all values.
+    """
+    mu = core_fit.mu
+    gamma_t, beta_t = k_gamma * core_fit.gamma, k_beta * core_fit.beta
+    if not gg.GAMMA_MIN <= gamma_t <= gg.GAMMA_MAX:
+        raise ValueError(
+            f"{name}: target gamma {gamma_t:.4g} = {k_gamma} x {core_fit.gamma:.4g} lies outside "
+            f"[{gg.GAMMA_MIN}, {gg.GAMMA_MAX}]"
+        )
+
+    if beta_t < MIN_BETA_BINS * w:
+        raise ValueError(
+            f"{name}: target beta {beta_t:.4g} is too narrow for bin width {w:.4g} (needs >= {MIN_BETA_BINS} bins "
+            "per beta to hit the target shape); use a smaller bin width"
+        )
+    # the remapped range: the core, or everything when the tails are reshaped too
+    r0, r1, ra, rb = (0, n, *ends) if tails == "reshape" else core
+    if tails == "keep":
+        a2, b2 = core[2:]
+    else:
+        q = torch.tensor([max(r0, 0.5) / n, 1.0 - max(n - r1, 0.5) / n], dtype=torch.float64)
+        lo_t, hi_t = (float(t) for t in gg.ppf(q, mu, beta_t, gamma_t))
+        if not (abs(lo_t) + abs(hi_t)) / w < MAX_BINS:
+            raise ValueError(f"{name}: the target range [{lo_t:.4g}, {hi_t:.4g}] needs more than {MAX_BINS:,} bins "
+                             f"of width {w:.4g}; use a larger bin width")
+        a2, b2 = round(lo_t / w + 0.5), round(hi_t / w + 0.5) - 1
+    lo_edge, hi_edge = (a2 - 0.5) * w, (b2 + 0.5) * w
+    if b2 - a2 >= MAX_BINS:
+        raise ValueError(f"{name}: the remapped range needs {b2 - a2 + 1:,} bins of width {w:.4g} "
+                         f"(at most {MAX_BINS:,}); use a larger bin width")
+    if b2 < a2 or not lo_edge < mu < hi_edge:
+        raise ValueError(
+            f"{name}: target beta {beta_t:.4g} is too narrow for bin width {w:.4g}; use a smaller bin width"
+        )
+    edges = (torch.arange(a2, b2 + 2, dtype=torch.float64) - 0.5) * w
+    probs = torch.diff(gg.cdf(edges, mu, beta_t, gamma_t))
+    if float(probs.sum()) <= 0.0:
+        raise ValueError(f"{name}: the target puts no mass on bins {a2}..{b2}; check k_gamma/k_beta")
+    counts = ROUNDINGS[rounding](probs, r1 - r0)
+    tail_scale = None
+    if tails == "scale":
+        lo_f, hi_f = (float(t) - mu for t in gg.ppf(q, mu, core_fit.beta, core_fit.gamma))
+        tail_scale = ((lo_t - mu) / lo_f, (hi_t - mu) / hi_f)
+    return _Target(mu, gamma_t, beta_t, r0, r1, ra, rb, a2, lo_edge, hi_edge, counts, tail_scale)
+
+
 def _trim(levels: torch.Tensor, counts: torch.Tensor, n_min: int | float, w: float,
           name: str) -> tuple[int, int, int, int, int, float]:
     """The core of sorted values whose non-empty grid levels are ``levels`` (ascending) with ``counts``.
@@ -296,48 +362,14 @@ def reshape_values_reference(
     ulev, ucnt = torch.unique_consecutive(torch.round(sv / w).to(torch.int64), return_counts=True)
     start, end, a, b, nmin, cut_width = _trim(ulev, ucnt, n_min, w, name)
     core_fit = gg.fit(sv[start:end], name=name)
-    mu = core_fit.mu
-    gamma_t, beta_t = k_gamma * core_fit.gamma, k_beta * core_fit.beta
-    if not gg.GAMMA_MIN <= gamma_t <= gg.GAMMA_MAX:
-        raise ValueError(
-            f"{name}: target gamma {gamma_t:.4g} = {k_gamma} x {core_fit.gamma:.4g} lies outside "
-            f"[{gg.GAMMA_MIN}, {gg.GAMMA_MAX}]"
-        )
-
-    if beta_t < MIN_BETA_BINS * w:
-        raise ValueError(
-            f"{name}: target beta {beta_t:.4g} is too narrow for bin width {w:.4g} (needs >= {MIN_BETA_BINS} bins "
-            "per beta to hit the target shape); use a smaller bin width"
-        )
-    # the remapped range: the core, or everything when the tails are reshaped too
-    r0, r1, ra, rb = (0, n, int(ulev[0]), int(ulev[-1])) if tails == "reshape" else (start, end, a, b)
-    if tails == "keep":
-        a2, b2 = a, b
-    else:
-        q = torch.tensor([max(r0, 0.5) / n, 1.0 - max(n - r1, 0.5) / n], dtype=torch.float64)
-        lo_t, hi_t = (float(t) for t in gg.ppf(q, mu, beta_t, gamma_t))
-        if not (abs(lo_t) + abs(hi_t)) / w < MAX_BINS:
-            raise ValueError(f"{name}: the target range [{lo_t:.4g}, {hi_t:.4g}] needs more than {MAX_BINS:,} bins "
-                             f"of width {w:.4g}; use a larger bin width")
-        a2, b2 = round(lo_t / w + 0.5), round(hi_t / w + 0.5) - 1
-    lo_edge, hi_edge = (a2 - 0.5) * w, (b2 + 0.5) * w
-    if b2 - a2 >= MAX_BINS:
-        raise ValueError(f"{name}: the remapped range needs {b2 - a2 + 1:,} bins of width {w:.4g} "
-                         f"(at most {MAX_BINS:,}); use a larger bin width")
-    if b2 < a2 or not lo_edge < mu < hi_edge:
-        raise ValueError(
-            f"{name}: target beta {beta_t:.4g} is too narrow for bin width {w:.4g}; use a smaller bin width"
-        )
-    edges = (torch.arange(a2, b2 + 2, dtype=torch.float64) - 0.5) * w
-    probs = torch.diff(gg.cdf(edges, mu, beta_t, gamma_t))
-    if float(probs.sum()) <= 0.0:
-        raise ValueError(f"{name}: the target puts no mass on bins {a2}..{b2}; check k_gamma/k_beta")
-    counts = ROUNDINGS[rounding](probs, r1 - r0).to(sv.device)
+    t = _target(core_fit, k_gamma, k_beta, w, n, (start, end, a, b), (int(ulev[0]), int(ulev[-1])), tails,
+                rounding, name)
+    mu, gamma_t, beta_t, r0, r1, ra, rb, a2, lo_edge, hi_edge, counts, tail_scale = t
+    counts = counts.to(sv.device)
     low, high = sv[:r0].to(torch.float64), sv[r1:].to(torch.float64)
-    if tails == "scale":
-        lo_f, hi_f = (float(t) - mu for t in gg.ppf(q, mu, core_fit.beta, core_fit.gamma))
-        low = lo_edge + (low - (ra - 0.5) * w) * ((lo_t - mu) / lo_f)
-        high = hi_edge + (high - (rb + 0.5) * w) * ((hi_t - mu) / hi_f)
+    if tail_scale is not None:
+        low = lo_edge + (low - (ra - 0.5) * w) * tail_scale[0]
+        high = hi_edge + (high - (rb + 0.5) * w) * tail_scale[1]
     if snap:
         low, high = torch.round(low / w) * w, torch.round(high / w) * w
     out_sorted = torch.cat([low, _fill(counts, a2, w, snap), high]).to(flat.dtype)
