@@ -29,23 +29,13 @@ import torch
 import zstandard
 from safetensors.torch import save
 
+from _timing import best_of
 from ggprior.codec import quantizer as quant
 from ggprior.codec import rans, registry
 from ggprior.codec.container import save_compressed
 from ggprior.codec.ggmodel import fit as gg_fit
 from ggprior.codec.histogram import histogram
 from ggprior.io.sources import floating_names, open_source
-
-
-def _timed(fn, repeat: int) -> tuple[float, float, object]:
-    """(best wall seconds, best thread CPU seconds, last result) over ``repeat`` runs."""
-    wall, cpu, out = float("inf"), float("inf"), None
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        out = fn()
-        cpu = min(cpu, time.thread_time() - c0)
-        wall = min(wall, time.perf_counter() - t0)
-    return wall, cpu, out
 
 
 def _encode(coder: str, q: np.ndarray, gg) -> tuple[bytes, dict]:
@@ -97,12 +87,12 @@ def main() -> None:
         def enc(coder=coder):
             return {n: _encode(coder, qs[n], ggs[n]) for n in names}
 
-        w_enc, c_enc, streams = _timed(enc, repeat)
+        w_enc, c_enc, streams = best_of(enc, repeat, time.thread_time)
 
         def dec(coder=coder, streams=streams):
             return {n: _decode(coder, streams[n][0], qs[n].size, streams[n][1], ggs[n]) for n in names}
 
-        w_dec, c_dec, decoded = _timed(dec, repeat)
+        w_dec, c_dec, decoded = best_of(dec, repeat, time.thread_time)
         assert all(np.array_equal(decoded[n], qs[n]) for n in names), coder
         stream_bits = 8 * sum(len(s) for s, _ in streams.values())
         coders[coder] = {

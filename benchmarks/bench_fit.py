@@ -38,22 +38,12 @@ import torch
 from safetensors.torch import save_file
 from scipy import integrate, special, stats
 
+from _timing import best_of
 from ggprior import gg
 from ggprior.gg import moments
 from ggprior.gg.math import rho
 from ggprior.io.sources import open_source
 from ggprior.stats import fit_model
-
-
-def _timed_cpu(fn, repeat=3):
-    """(best wall s, best process CPU s, result)."""
-    wall, cpu, out = float("inf"), float("inf"), None
-    for _ in range(repeat):
-        t, c = time.perf_counter(), time.process_time()
-        out = fn()
-        cpu = min(cpu, time.process_time() - c)
-        wall = min(wall, time.perf_counter() - t)
-    return wall, cpu, out
 
 
 def one_pass(args) -> dict:
@@ -66,22 +56,22 @@ def one_pass(args) -> dict:
         arr = moments.safetensors_arrays(path)["w"][0]
         float(arr.sum(dtype=np.float64))  # warm the page cache
         moments.fit_moments(arr[:10000], threads=1)  # JIT (cached)
-        w_np, c_np, _ = _timed_cpu(lambda: float(moments.safetensors_arrays(path)["w"][0].sum(dtype=np.float64)))
-        w1, c1, f1 = _timed_cpu(lambda: moments.fit_safetensors(path, threads=1)["w"])
+        w_np, c_np, _ = best_of(lambda: float(moments.safetensors_arrays(path)["w"][0].sum(dtype=np.float64)))
+        w1, c1, f1 = best_of(lambda: moments.fit_safetensors(path, threads=1)["w"])
         nt = moments.default_threads()
-        wn, cn, fn_ = _timed_cpu(lambda: moments.fit_safetensors(path, threads=nt)["w"])
+        wn, cn, fn_ = best_of(lambda: moments.fit_safetensors(path, threads=nt)["w"])
         src = open_source(str(path))
-        w_old, c_old, f_old = _timed_cpu(lambda: gg.fit(lambda: src.iter_chunks("w"), name="w"), repeat=1)
+        w_old, c_old, f_old = best_of(lambda: gg.fit(lambda: src.iter_chunks("w"), name="w"), repeat=1)
     # SciPy on the same values: disjoint slices, CPU time of both
     y = gg.sample((args.reps * args.scipy_n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(2))
     ours, theirs, t_ours, t_two, t_scipy = [], [], 0.0, 0.0, 0.0
     for r in range(args.reps):
         sl = y[r * args.scipy_n:(r + 1) * args.scipy_n].numpy()
-        _, c, f = _timed_cpu(lambda sl=sl: moments.fit_moments(sl, threads=1))
+        _, c, f = best_of(lambda sl=sl: moments.fit_moments(sl, threads=1))
         ours.append(f.gamma)
         t_ours += c
-        t_two += _timed_cpu(lambda sl=sl: gg.fit(torch.from_numpy(sl)))[1]  # the same estimator, two passes
-        _, c, (g, _, _) = _timed_cpu(lambda sl=sl: stats.gennorm.fit(sl.astype(np.float64)), repeat=1)
+        t_two += best_of(lambda sl=sl: gg.fit(torch.from_numpy(sl)))[1]  # the same estimator, two passes
+        _, c, (g, _, _) = best_of(lambda sl=sl: stats.gennorm.fit(sl.astype(np.float64)), repeat=1)
         theirs.append(g)
         t_scipy += c
     del y
@@ -144,15 +134,6 @@ def moment_fit_variance(gamma: float, n: int = 4_000_000) -> float:
     return float(grad @ np.cov(np.vstack([a, q])) @ grad) / slope**2
 
 
-def _timed(fn, repeat=3):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=1_000_000)
@@ -167,10 +148,10 @@ def main() -> None:
     x = gg.sample((args.n,), 0.0, 0.05, args.gamma, generator=torch.Generator().manual_seed(0))
     small = x[: args.scipy_n]
     mb, mb_small = x.numel() * 4 / 1e6, small.numel() * 4 / 1e6
-    t_ours, f_ours = _timed(lambda: gg.fit(x))
-    t_ours_s, f_ours_s = _timed(lambda: gg.fit(small))
-    t_mle, f_mle = _timed(lambda: gg.fit(x, mle=True), repeat=1)
-    t_scipy, (g_scipy, _, b_scipy) = _timed(lambda: stats.gennorm.fit(small.double().numpy()), repeat=1)
+    t_ours, _, f_ours = best_of(lambda: gg.fit(x))
+    t_ours_s, _, f_ours_s = best_of(lambda: gg.fit(small))
+    t_mle, _, f_mle = best_of(lambda: gg.fit(x, mle=True), repeat=1)
+    t_scipy, _, (g_scipy, _, b_scipy) = best_of(lambda: stats.gennorm.fit(small.double().numpy()), repeat=1)
     load = os.getloadavg()[0]
     fast = one_pass(args)
     if args.skip_minilm:
