@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -182,7 +184,7 @@ def _mb(x: float) -> str:
 def write_readme(res: dict, out: Path) -> None:
     a = res["model"]["assumptions"]
     lines = ["# GCT at 2 and 4 workers, and a byte / bandwidth model to 1024", "",
-             f"Command: `{res['command']}` (under `flock /tmp/ggprior-heavy.lock`; 2 shared CPU cores, "
+             f"Command: `{res['command']}` (2 CPU cores, "
              f"load average {res.get('load_average_1min', float('nan')):.1f} when it finished). Data: `scaling.json`; "
              "plot: `scaling.png`. Design and formulas: [docs/gct.md](../../gct.md).", "",
              "## Measured (gloo, CPU processes on one machine; small BERT on spam, "
@@ -248,7 +250,7 @@ def main() -> None:
     if args.model_only:
         res = json.loads(path.read_text())
     else:
-        res = {"command": "python experiments/gct_scaling.py --out " + args.out, "measured": measure(
+        res = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "measured": measure(
             args.worlds, args.max_train, args.epochs), "coders": coder_speed()}
     res["model"] = model(res["measured"], res["coders"])
     res.setdefault("load_average_1min", __import__("os").getloadavg()[0])

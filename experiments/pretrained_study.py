@@ -155,12 +155,16 @@ def deepshape_model_(model) -> dict:
 _DATA: dict = {}
 
 
-def task_data(task: str, quick: bool) -> dict:
+def task_data(task: str, quick: bool, max_train: int | None = None) -> dict:
     if task not in _DATA:
         tok = get_tokenizer("minilm")
-        lim = {"train": 48, "validation": 64, "test": 64} if quick else {}
+        lim = {"train": 48, "validation": 64, "test": 64} if quick else {"train": max_train}
         _DATA[task] = {s: load_task(task, s, tok, MAX_LEN[task], max_examples=lim.get(s)) for s in
                        ("train", "validation", "test")}
+        for s in ("validation", "test"):  # evaluation batches of similar lengths: less padding, same accuracy
+            d = _DATA[task][s]
+            order = torch.argsort(d.tensors["attention_mask"].sum(1), stable=True)
+            d.tensors = {k: v[order] for k, v in d.tensors.items()}
     return _DATA[task]
 
 
@@ -171,10 +175,11 @@ def job_list(args) -> list[dict]:
             for method in args.methods:
                 for mult in ([None] if method == "plain" else args.multiples):
                     jobs.append({"task": task, "seed": seed, "method": method, "mult": mult})
-    # bs_sub last (if the time budget runs out, the plain / L1 / proximal comparison is complete),
-    # then the longest jobs first
+    # plain first (its models are the baselines other studies reuse), bs_sub last (if the time budget
+    # runs out, the plain / L1 / proximal comparison is complete), then the longest jobs first
     cost = {"sentiment": 5, "spam": 2, "topic": 1.5}
-    jobs.sort(key=lambda j: (j["method"] == "bs_sub", -(cost[j["task"]] * (1.4 if j["method"] in DS_METHODS else 1))))
+    jobs.sort(key=lambda j: (j["method"] != "plain", j["method"] == "bs_sub",
+                             -(cost[j["task"]] * (1.4 if j["method"] in DS_METHODS else 1))))
     return jobs
 
 
@@ -187,7 +192,7 @@ def run_job(job: dict, args_d: dict) -> list[dict]:
     torch.set_num_threads(1)
     quick, device = args_d["quick"], torch.device(args_d["device"])
     task, seed, method, mult = job["task"], job["seed"], job["method"], job["mult"]
-    data = task_data(task, quick)
+    data = task_data(task, quick, args_d["max_train"])
     torch.manual_seed(seed)
     model = load_minilm(data["train"].num_labels).float().to(device)  # fp32 even from an fp16 copy
     n = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
@@ -197,7 +202,7 @@ def run_job(job: dict, args_d: dict) -> list[dict]:
         lam = reference_lambda(n, 1.0, match_size=True) if mult == "matched" else reference_lambda(n, float(mult))
     cb = make_rate_callback(kind, lam or 0.0, update=update or "subgradient")
     epochs = args_d["epochs"]
-    cfg = TrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, seed=seed, device=str(device), progress=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=BATCH, lr=args_d["lr"], seed=seed, device=str(device), progress=False)
     t0 = time.perf_counter()
     res = train(model, data["train"], data["validation"], cfg, [cb] if cb else [], test_data=data["test"])
     rows = []
@@ -222,7 +227,7 @@ def run_job(job: dict, args_d: dict) -> list[dict]:
         info = deepshape_model_(model)
         after_reshape = evaluate(model, data["validation"])["accuracy"]
         cb2 = make_rate_callback(kind, (lam or 0.0) / 10, update=update or "subgradient")
-        cfg2 = TrainConfig(epochs=1, batch_size=BATCH, lr=LR / 10, seed=seed + 1, device=str(device), progress=False)
+        cfg2 = TrainConfig(epochs=1, batch_size=BATCH, lr=args_d["lr"] / 10, seed=seed + 1, device=str(device), progress=False)
         res2 = train(model, data["train"], data["validation"], cfg2, [cb2] if cb2 else [])
         record(variant_name(method, mult, True), res2,
                {"deepshape": {**info, "val_acc_after_reshape": after_reshape}, "lam_reference_multiple": mult})
@@ -248,6 +253,7 @@ def _job_entry(a):
 
 def phase_train(args) -> list[dict]:
     args_d = {"quick": args.quick, "device": args.device, "epochs": args.epochs, "rels": list(args.rels),
+              "max_train": args.max_train, "lr": args.lr,
               "work": str(args.work), "deepshape": not args.no_deepshape,
               "train_deadline": args.t0 + 0.6 * args.budget if args.budget else None}
     jobs = job_list(args)
@@ -268,11 +274,15 @@ def phase_train(args) -> list[dict]:
 
 # ----------------------------------------------------------------------------- phase 2: code
 
-def tfidf_reference(task: str) -> dict:
+def tfidf_reference(task: str, max_train: int | None = None) -> dict:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
+    from ggprior.tasks.data import _subset
+
     x = {s: task_split(task, s) for s in ("train", "validation", "test")}
+    keep = _subset(len(x["train"][0]), max_train, 0)  # the fine-tunes' subset (load_task, split_seed 0)
+    x["train"] = ([x["train"][0][i] for i in keep], [x["train"][1][i] for i in keep])
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
     xtr = vec.fit_transform(x["train"][0])
     best = None
@@ -355,7 +365,7 @@ def _ggz_job(a) -> dict:
     t = time.perf_counter()
     dec = load_compressed(ggz)
     dec_s = time.perf_counter() - t
-    q = [e["qcrc32"] for e in head["tensors"] if e.get("encoding") == "quantized"]
+    q = [c["qcrc32"] for e in head["tensors"] if e.get("encoding") == "quantized" for c in e["chunks"]]
     same = all(torch.equal(dec[k].float(), quant.dequantize(quant.quantize(sd[k], e["step"]), e["step"]).float())
                for e in head["tensors"] if e.get("encoding") == "quantized" for k in [e["name"]])
     return {"ggz": ggz, "coder": coder, "rel": rel, "file_bytes": head["file_bytes"], "weights": n_weights(sd),
@@ -368,7 +378,7 @@ def phase_code(args, rows: list[dict]) -> dict:
     errors = [r for r in rows if "error" in r]
     results: dict = {"config": {"tasks": args.tasks, "seeds": args.seeds, "methods": args.methods,
                                 "multiples": [str(m) for m in args.multiples], "rels": list(args.rels),
-                                "faithful_rel": FAITHFUL, "lr": LR, "epochs": args.epochs, "batch": BATCH,
+                                "faithful_rel": FAITHFUL, "lr": args.lr, "max_train": args.max_train, "epochs": args.epochs, "batch": BATCH,
                                 "max_len": MAX_LEN, "k_gamma": K_GAMMA, "k_beta": K_BETA, "tolerance": TOLERANCE,
                                 "quick": args.quick, "device": args.device,
                                 "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -378,7 +388,7 @@ def phase_code(args, rows: list[dict]) -> dict:
     for task in args.tasks:
         agg = aggregate(good, task)
         sel = select_points(agg, len(args.seeds))
-        tr = {"tfidf_lr": tfidf_reference(task), "selection": sel,
+        tr = {"tfidf_lr": tfidf_reference(task, args.max_train), "selection": sel,
               "variants": {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in agg.items()}}
         results["tasks"][task] = tr
         pts = sel.get("points", {})
@@ -409,7 +419,7 @@ def phase_code(args, rows: list[dict]) -> dict:
     for (task, variant, rel, seed, c), o in zip(where, outs, strict=True):
         files.setdefault((task, variant, rel, seed), []).append({**o, "coder": c})
     for (task, variant, rel, seed), fl in files.items():
-        data = task_data(task, args.quick)
+        data = task_data(task, args.quick, args.max_train)
         torch.manual_seed(seed)
         model = load_minilm(data["train"].num_labels).float().to(device)
         pick = next((f for f in fl if f["coder"] == "ans"), fl[0])
@@ -444,7 +454,7 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def phase_report(args, results: dict) -> None:
-    from ggprior.plots import plt, save_figure
+    from ggprior.report.plots import plt, save_figure
 
     out = args.out
     tasks = list(results["tasks"])
@@ -595,6 +605,8 @@ def main() -> None:
     ap.add_argument("--multiples", default=",".join(str(m) for m in MULTIPLES))
     ap.add_argument("--rels", default=",".join(str(r) for r in RELS))
     ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--max-train", type=int, default=None, help="a seeded random subset of N training examples (CPU-sized runs; the TF-IDF reference trains on the same subset)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-deepshape", action="store_true")
