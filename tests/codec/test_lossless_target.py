@@ -124,6 +124,22 @@ def test_bad_targets_and_combinations_write_nothing(tmp_path):
         assert not p.exists()
 
 
+def test_target_bits_never_asks_for_a_finer_step_than_the_rans_alphabet(tmp_path, monkeypatch):
+    """Near-raw targets used to fail inside the coder ("alphabet ... exceeds"): steps are floored at the finest the
+    rANS alphabet allows, and a target beyond what that stores gets a one-line error naming the reachable size."""
+    from ggprior.codec import rans
+
+    monkeypatch.setattr(rans, "NSYM_MAX", 64)  # a small alphabet makes the ceiling reachable on a small model
+    sd, p = _synthetic(), tmp_path / "a.ggz"
+    with pytest.raises(AllocationError, match=r"above what quantized coding stores \(\d+\.\d+ bits/weight.*losslessly"):
+        save_compressed(sd, p, target_bits=20.0)
+    assert not p.exists()
+    h = save_compressed(sd, p, target_bits=3.0)  # reachable: met, and every tensor's alphabet within the cap
+    assert abs(_quantized_bits(h) / 3.0 - 1) < 0.01
+    for e in h["tensors"]:
+        assert e["table"]["nsym"] <= 64
+
+
 def _text(r) -> str:
     return " ".join(r.output.split())
 

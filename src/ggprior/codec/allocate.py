@@ -38,6 +38,7 @@ from torch import nn
 from ..gg import fit as gg_fit
 from . import lengths as compression
 from . import quantizer as quant
+from .bits import CodingError
 from .gg_rd import (  # noqa: F401  (re-exported: the tables' public names)
     GRID_LOG2,
     LN2,
@@ -266,7 +267,10 @@ def allocate(
     lam, picks = _solve(models, budget, threshold, per_row)
     for _ in range(calibrate if tensors is not None else 0):
         for tm, pk in zip(models, picks, strict=True):
-            real_payload = real_bits(tensors[tm.name], _steps_of(tm, pk), tm.name, threshold) - pk.side
+            try:
+                real_payload = real_bits(tensors[tm.name], _steps_of(tm, pk), tm.name, threshold) - pk.side
+            except CodingError:  # a step too fine for the rANS alphabet: no calibration (target.py floors it)
+                continue
             if pk.model_payload > 0 and real_payload > 0:
                 tm.rate_scale = float(np.clip(real_payload / pk.model_payload, 0.25, 4.0))
         lam, picks = _solve(models, budget, threshold, per_row)

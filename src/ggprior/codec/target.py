@@ -8,8 +8,9 @@ real code lengths; sensitivity weights optional, uniform by default). The alloca
 information is a constant per tensor, so the steps are then corrected against :func:`stored_bits`,
 the size the writer will produce (the table it will store and the ideal code length under that
 integer table, plus the rANS states of every chunk), by rescaling the allocation's target until
-the two agree within 0.2 %. A target the file cannot reach within 1 % raises
-:class:`~ggprior.codec.allocate.AllocationError`.
+the two agree within 0.2 %. No step is finer than the rANS alphabet allows (``rans.NSYM_MAX``
+symbols over the tensor's range), which caps the reachable size near 20 bits/weight. A target the
+file cannot reach within 1 % raises :class:`~ggprior.codec.allocate.AllocationError`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def target_steps(
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise alloc.AllocationError(f"sensitivity weights for tensors that are not quantized: {unknown[:5]}")
-    models, fixed = [], {}
+    models, fixed, floor = [], {}, {}
     for k in names:
         t = tensors[k]
         if not bool(torch.isfinite(t).all()):
@@ -73,6 +74,7 @@ def target_steps(
         if float(lo) == float(hi):  # constant: no GG to fit; a step giving q in {-1, 0, 1} stores it exactly
             fixed[k] = quant.step_for_bits(t, 2, name=k)
             continue
+        floor[k] = (float(hi) - float(lo)) / (rans.NSYM_MAX - 3)  # finest step the rANS alphabet allows
         try:
             models.append(alloc.tensor_model(k, t, float(w)))
         except ValueError as err:
@@ -101,7 +103,8 @@ def target_steps(
     best = None
     for i in range(ROUNDS):
         a = alloc.allocate(models, aim, tensors=tensors, calibrate=2 if i == 0 else 0)
-        steps = {**fixed, **{tm.name: quant.check_step(float(a.steps[tm.name]), tm.name) for tm in models}}
+        steps = {**fixed, **{tm.name: quant.check_step(max(float(a.steps[tm.name]), floor[tm.name]), tm.name)
+                             for tm in models}}
         got = (fixed_bits + size({tm.name: steps[tm.name] for tm in models})) / n
         if best is None or abs(got - target_bits) < abs(best[1] - target_bits):
             best = (steps, got)
@@ -114,11 +117,16 @@ def target_steps(
         except alloc.AllocationError:
             break
     if abs(best[1] / target_bits - 1.0) > TOLERANCE:
-        best = _rescaled(best, target_bits, [tm.name for tm in models], lambda st: (fixed_bits + size(st)) / n)
+        best = _rescaled(best, target_bits, floor, lambda st: (fixed_bits + size(st)) / n)
+    if best[1] < target_bits * 0.99 and any(best[0][k] <= floor[k] for k in floor):
+        most = (fixed_bits + size({k: quant.check_step(floor[k], k) for k in floor})) / n
+        raise alloc.AllocationError(
+            f"target of {target_bits:g} bits/weight is above what quantized coding stores ({most:.2f} bits/weight at "
+            f"the finest steps a {rans.NSYM_MAX:,}-symbol rANS alphabet allows); store losslessly instead")
     return _met(*best, target_bits, names, n)
 
 
-def _rescaled(best: tuple[dict[str, float], float], target_bits: float, names: list[str],
+def _rescaled(best: tuple[dict[str, float], float], target_bits: float, floor: Mapping[str, float],
               bits_of: Callable[[dict[str, float]], float]) -> tuple[dict[str, float], float]:
     """Scale the steps of ``names`` by one factor until ``bits_of`` meets the target (secant on log2 of the
     factor, starting from about -1 bit/weight per doubling). The allocation jumps where a tensor's best step
@@ -126,7 +134,7 @@ def _rescaled(best: tuple[dict[str, float], float], target_bits: float, names: l
     steps, got = best
     x0, y0, x1 = 0.0, got, got - target_bits
     for _ in range(4):
-        trial = {**steps, **{k: quant.check_step(steps[k] * 2.0**x1, k) for k in names}}
+        trial = {**steps, **{k: quant.check_step(max(steps[k] * 2.0**x1, f), k) for k, f in floor.items()}}
         y1 = bits_of(trial)
         if abs(y1 - target_bits) < abs(best[1] - target_bits):
             best = (trial, y1)
