@@ -58,6 +58,20 @@ def test_compress_step_and_include(tmp_path, model_file):
     assert float((back["enc.weight"] - sd["enc.weight"]).abs().max()) <= 0.005 + 1e-7
 
 
+def test_compress_trellis(tmp_path, model_file):
+    path, sd = model_file
+    ggz, out = tmp_path / "m.ggz", tmp_path / "back.safetensors"
+    r = CliRunner().invoke(app, ["compress", str(path), str(ggz), "--rel-error", "0.01", "--trellis"])
+    assert r.exit_code == 0, r.output
+    assert "3 quantized tensors" in _text(r) and "(trellis)" in _text(r)
+    assert CliRunner().invoke(app, ["decompress", str(ggz), str(out)]).exit_code == 0
+    back = load_file(str(out))
+    assert all(float((back[k].float() - v.float()).norm() / v.float().norm()) < 0.012 for k, v in sd.items())
+    for extra in (["--per-row"], ["--target-bits", "4"], ["--lossless"]):
+        r = CliRunner().invoke(app, ["compress", str(path), str(tmp_path / "x.ggz"), "--trellis", *extra])
+        assert r.exit_code != 0 and "--trellis" in _text(r) and len(r.output.strip().splitlines()) == 1
+
+
 def test_measure_writes_tables(tmp_path, model_file):
     path, _ = model_file
     out = tmp_path / "meas"

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import fixed, lossless, rans, registry
+from . import fixed, lossless, rans, registry, trellis
 from . import quantizer as quant
 from .bits import CodingError
 from .ggmodel import GGParams
@@ -204,6 +204,8 @@ class Reader:
             return _from_raw(self.stream(e, f"tensor {e['name']!r}"), e["dtype"], shape)
         if e["encoding"] == "lossless":
             return self._lossless(e).reshape(shape)
+        if e["encoding"] == "trellis":
+            return self._trellis(e).reshape(shape)
         dtype = DTYPES[e["dtype"]][0]
         out = torch.empty(math.prod(shape), dtype=dtype)
         bounds, decode = self._chunk_decoder(e)
@@ -248,6 +250,27 @@ class Reader:
 
         list(self._pool.map(put, range(len(e["chunks"]))))
         return torch.from_numpy(out.view(np.int32 if wide else np.int16)).view(DTYPES[e["dtype"]][0])
+
+    def _trellis(self, e: dict) -> torch.Tensor:
+        """A trellis entry's values in its dtype (flat), chunks decoded in parallel."""
+        tag = f"{self.path}: tensor {e['name']!r}"
+        out = torch.empty(math.prod(e["shape"]), dtype=DTYPES[e["dtype"]][0])
+        starts = np.cumsum([0] + [c["n"] for c in e["chunks"]])
+
+        def put(i: int) -> None:
+            c = e["chunks"][i]
+            try:
+                dq = trellis.decode(self.stream(c, f"tensor {e['name']!r}"), c["n"], "trellis")
+            except CodingError as err:
+                raise ContainerError(f"{tag}: {err}") from err
+            if dq.step != e["step"] or dq.n_states != e["states"]:
+                raise ContainerError(f"{tag}: chunk {i} has step {dq.step!r} and {dq.n_states} states, the entry "
+                                     f"{e['step']!r} and {e['states']}")
+            top = float(torch.finfo(out.dtype).max)  # a level past the dtype's range decodes to its maximum, not inf
+            out[starts[i] : starts[i + 1]] = torch.from_numpy(dq.values()).clamp_(-top, top).to(out.dtype)
+
+        list(self._pool.map(put, range(len(e["chunks"]))))
+        return out
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor in file order; an alias yields the very tensor object of its target."""
@@ -329,6 +352,8 @@ def inspect_rows(path: str | os.PathLike) -> list[dict]:
             row.update(coder=f"{coder} per-row", step=float(quant.row_steps_from_patterns([e["row_steps"]["qmin"]])[0]))
             if "gg" in e:
                 row["gg_gamma"] = e["gg"][2]
+        elif e["encoding"] == "trellis":
+            row.update(coder=f"trellis-{e['states']}", step=e["step"])
         elif e["encoding"] == "quantized":
             row["step"] = e["step"]
             if "gg" in e:

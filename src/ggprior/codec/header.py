@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import quantizer as quant
-from . import rans, registry
+from . import rans, registry, trellis
 from .bits import CodingError
 
 MAGIC = b"GGZ\x00\r\n\x1a\n"
@@ -186,9 +186,27 @@ def _validate_lossless(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
     """A lossless entry (version 2): bf16/fp16/fp32, chunks ``{n, offset, length, crc32}`` covering the tensor."""
     if e["dtype"] not in LOSSLESS_DTYPES:
         raise ContainerError(f"{tag}: lossless tensor of dtype {e['dtype']!r} (expected one of {LOSSLESS_DTYPES})")
+    return _plain_chunks(e, tag, numel, "lossless")
+
+
+def _validate_trellis(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
+    """A trellis entry (version 2): a float dtype, ``step``, ``states`` and chunks of trellis payloads."""
+    if e["dtype"] not in FLOAT_DTYPES:
+        raise ContainerError(f"{tag}: trellis tensor with non-float dtype {e['dtype']!r}")
+    try:
+        quant.check_step(e.get("step") if isinstance(e.get("step"), float) else float("nan"), tag)
+    except quant.QuantError as err:
+        raise ContainerError(str(err)) from err
+    if not is_int(e.get("states")) or e["states"] not in trellis.TRELLISES:
+        raise ContainerError(f"{tag}: trellis states {e.get('states')!r} not one of {sorted(trellis.TRELLISES)}")
+    return _plain_chunks(e, tag, numel, "trellis")
+
+
+def _plain_chunks(e: dict, tag: str, numel: int, what: str) -> list[tuple[int, int]]:
+    """Spans of chunks ``{n, offset, length, crc32}`` whose ``n`` (each in [1, CHUNK_MAX]) sum to ``numel``."""
     chunks = e.get("chunks")
     if not isinstance(chunks, list) or not chunks:
-        raise ContainerError(f"{tag}: lossless tensor without chunks")
+        raise ContainerError(f"{tag}: {what} tensor without chunks")
     spans, total = [], 0
     for c in chunks:
         if not isinstance(c, dict) or not is_int(c.get("n")) or not 1 <= c["n"] <= CHUNK_MAX:
@@ -211,6 +229,8 @@ def _validate_v2(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
         return _validate_v1(e, tag, numel)
     if enc == "lossless":
         return _validate_lossless(e, tag, numel)
+    if enc == "trellis":
+        return _validate_trellis(e, tag, numel)
     if enc != "quantized":
         raise ContainerError(f"{tag}: unknown encoding {enc!r}")
     _check_quantized_common(e, tag, rows_allowed=True)
