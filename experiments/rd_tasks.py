@@ -200,7 +200,7 @@ def plot(results: list[dict], path: Path) -> Path:
     from ggprior.report.plots import plt, save_figure
 
     tasks = list(dict.fromkeys(r["task"] for r in results))
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 8.0), squeeze=False)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 9.0), squeeze=False)
     for j, task in enumerate(tasks):
         rs = [r for r in results if r["task"] == task]
         curves: dict[tuple[str, str], list] = {}
@@ -229,6 +229,7 @@ def plot(results: list[dict], path: Path) -> Path:
                 ax.set_ylim(-3, 1.5)
                 ax.set_xlim(1.5, 7)
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -325,7 +326,12 @@ def report(results: list[dict], summary: dict, meta: dict) -> str:
           "one or two examples of the fp32 accuracy, and decoded models can score above fp32 by chance.",
           "* *same prediction as fp32*: the share of test examples whose decoded prediction equals the fp32 "
           "model's, a less noisy view of how much the coding moved the classifier than accuracy.",
+          "* alloc-rows and rel have one point each (their frontier is that point or `never`, marked `<=`), and "
+          "NNCodec's *interp* value crosses the 1.2-bit gap between qp -20 and -26, where alloc's points are 0.5 bit "
+          "apart: a denser NNCodec grid (qp -23) would make the interpolated comparison fairer either way.",
           "* Two seeds per task; the means hide per-seed differences, listed beside them.",
+          "* GGUF Q4_0 (4.5 bits/weight) is the lowest GGUF format in the peer list (the K-quants Q3_K / Q2_K are "
+          "not among the issue's peers), so a `<=` on GGUF's row means the listed formats go no lower.",
           "* GGUF, int8 and NNCodec have no setting between their measured points: the *measured* basis is what a "
           "user of the listed formats gets; the *interp* basis also interpolates the peers' curves.", ""]
     return "\n".join(L) + "\n"
