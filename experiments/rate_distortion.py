@@ -60,8 +60,8 @@ QUICK = {"rels": (0.01, 0.04), "targets": (4.0, 6.0), "sentences": 8, "lm_tokens
 GAMMAS = (0.5, 1.0, 1.5, 2.0)
 
 
-def command_line() -> str:
-    return "python " + shlex.join(["experiments/rate_distortion.py", *sys.argv[1:]])
+def command_line(script: str = "experiments/rate_distortion.py") -> str:
+    return "python " + shlex.join([script, *sys.argv[1:]])
 
 
 # ---------------------------------------------------------------- methods: name -> (recon, bits)
@@ -251,12 +251,12 @@ def matrices(model: torch.nn.Module, limit: int | None) -> dict[str, torch.Tenso
 # ---------------------------------------------------------------- one model, every method
 
 
-def methods(p: dict, nnc: bool) -> list[tuple[str, str, object]]:
+def methods(p: dict, nnc: bool, qps: tuple[int, ...] = NNC_QPS) -> list[tuple[str, str, object]]:
     nf4 = [("nf4", "nf4", None)] if importlib.util.find_spec("torchao") else []  # torchao: the bench extra
     ms = [("gguf", k, k) for k in GGUF] + nf4 + [("int8", "int8", None),
                                                  ("fp8-e4m3", "fp8-e4m3", None), ("fp8-e4m3-scaled", "fp8-e4m3-scaled", None)]
     if nnc:
-        ms += [("nncodec", f"qp{q}", q) for q in NNC_QPS]
+        ms += [("nncodec", f"qp{q}", q) for q in qps]
     ms += [("ggprior-rel", f"rel{r}", r) for r in p["rels"]]
     ms += [("ggprior-alloc", f"B{b}", b) for b in p["targets"]]
     ms += [("ggprior-alloc-rows", f"B{b}", b) for b in p["targets"]]
@@ -264,7 +264,8 @@ def methods(p: dict, nnc: bool) -> list[tuple[str, str, object]]:
 
 
 def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, model=None, quality=None,
-              weights=None, row_weights=None, log=print) -> dict:
+              weights=None, row_weights=None, log=print, ms: list[tuple[str, str, object]] | None = None) -> dict:
+    """Every method of ``ms`` (default: ``methods(p, nnc)``) on ``tens``; with ``model``, quality of the decoded model."""
     n = sum(t.numel() for t in tens.values())
     res = {"model": label, "tensors": len(tens), "weights": n, "points": [], "per_tensor": []}
     if quality is not None:
@@ -272,7 +273,7 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
     models_t = {k: A.tensor_model(k, t, (weights or {}).get(k, 1.0)) for k, t in tens.items()}
     models_r = {k: A.tensor_model(k, t, (weights or {}).get(k, 1.0), row_weight=(row_weights or {}).get(k),
                                   per_row=True) for k, t in tens.items()}
-    for fam, tag, arg in methods(p, nnc):
+    for fam, tag, arg in methods(p, nnc) if ms is None else ms:
         t0 = time.time()
         steps = None
         if fam == "ggprior-alloc":
