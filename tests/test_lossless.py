@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -159,3 +160,139 @@ def test_header_fields_are_bounded():
     s[4 + 4 + 0 : 4 + 4 + 8] = (1 << 62).to_bytes(8, "little")  # n in the header
     with pytest.raises(L.LosslessError):
         L.decode_tensor(bytes(s), "bf16", 1 << 62)
+
+
+# ---------------------------------------------------------------- byte planes (fp32, fp16 with k <= 2)
+
+
+def _low_repetitive(dt: str, n: int, seed: int = 0) -> np.ndarray:
+    """Values cast up from a shorter format (fp32 from fp16, fp16 from bf16: low bytes mostly zero) and the specials,
+    NaN payloads and subnormals with nonzero low bytes included."""
+    t = ggprior.gg.sample((n,), beta=0.03, gamma=1.0, generator=torch.Generator().manual_seed(seed))
+    t = t.half().float() if dt == "float32" else t.bfloat16().half()
+    a = np.concatenate([L.as_bits(t, dt), _special(dt)])
+    np.random.default_rng(seed).shuffle(a)
+    return a
+
+
+@pytest.mark.parametrize("dt", ["float16", "float32"])
+def test_byte_planes_round_trip_where_chosen_and_not(dt):
+    """Every k round-trips; the planes are taken on repetitive low bytes (where k leaves a whole byte below the
+    coded bits) and make the stream smaller, never on random low bytes (the original layout, byte for byte)."""
+    rep, rnd = _low_repetitive(dt, 20_000), np.concatenate([_gg_bits(dt, 20_000, 1.0), _special(dt)])
+    chosen = set()
+    for a, want in ((rep, True), (rnd, False)):
+        for k in [None, *range(L.KMAX[dt] + 1)]:
+            s = L.encode_tensor(a, dt, k=k)
+            info = L.stream_info(s)
+            assert np.array_equal(L.decode_tensor(s, dt, a.size), a)
+            assert info["planes"] in (0, (L.DTYPES[dt][3] - info["k"]) // 8)
+            if info["planes"]:
+                chosen.add(k)
+                assert want and len(s) < len(L.encode_tensor(a, dt, k=k, planes=False))
+            else:
+                assert s == L.encode_tensor(a, dt, k=k, planes=False)
+    assert None in chosen and 0 in chosen  # the default k and k = 0 take the planes on the repetitive tensor
+    assert L.stream_info(L.encode_tensor(rep, dt, model="hist"))["planes"] and \
+        L.stream_info(L.encode_tensor(rep, dt, model="gg"))["planes"]
+
+
+def test_byte_planes_sizes_on_values_cast_up():
+    """fp32 holding fp16 values: the 13 zero mantissa bits cost almost nothing (about 16 bits/value, not 29)."""
+    a = _low_repetitive("float32", 50_000)
+    assert 8 * len(L.encode_tensor(a, "float32")) / a.size < 17.0 < 8 * len(L.encode_tensor(a, "fp32", planes=False)) / a.size
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dt=st.sampled_from(["float16", "float32"]), data=st.data())
+def test_planes_never_make_a_stream_larger(dt, data):
+    """On any mix of repetitive and random low bytes the chosen stream is at most the original layout's size."""
+    n = data.draw(st.integers(1, 3000))
+    lowbits = data.draw(st.integers(0, 16 if dt == "float32" else 8))
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    a = _low_repetitive(dt, n, seed)
+    a = a ^ rng.integers(0, 1 << lowbits, a.size).astype(a.dtype)
+    k = data.draw(st.one_of(st.none(), st.integers(0, L.KMAX[dt])))
+    s, old = L.encode_tensor(a, dt, k=k), L.encode_tensor(a, dt, k=k, planes=False)
+    assert len(s) <= len(old) and (L.stream_info(s)["planes"] > 0 or s == old)
+    assert np.array_equal(L.decode_tensor(s, dt, a.size), a)
+
+
+def _plane_streams() -> list[tuple[str, int, bytes, int, int]]:
+    """(dtype, n, stream, start, end) of GG-model streams with byte planes; [start, end) is the plane section."""
+    out = []
+    for dt in ("float16", "float32"):
+        a = _low_repetitive(dt, 600, seed=5)
+        for k in (0, 2):
+            s = L.encode_tensor(a, dt, model="gg", k=k)
+            info = L.stream_info(s)
+            assert info["planes"] and info["model"] == "gg"
+            start = L.HEAD.size + L.GG_MODEL.size
+            start += L.LEN.size + L.LEN.unpack(s[start : start + L.LEN.size])[0]
+            end = len(s) - ((a.size * (1 + L.DTYPES[dt][3] - k - 8 * info["planes"]) + 7) >> 3)
+            out.append((dt, a.size, s, start, end))
+    return out
+
+
+PLANE_STREAMS = _plane_streams()
+STREAMS.extend((dt, n, s) for dt, n, s, _, _ in PLANE_STREAMS)  # the generic fuzzed reader above covers them too
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=st.integers(0, len(PLANE_STREAMS) - 1), data=st.data())
+def test_fuzzed_plane_sections_raise_value_error(which, data):
+    """Bytes of the plane section (methods, lengths, zstd frames) set, flipped, cut out or inserted: LosslessError
+    or the original bits, never a crash or other bits."""
+    dt, n, s, start, end = PLANE_STREAMS[which]
+    b = bytearray(s)
+    op = data.draw(st.sampled_from(["flip", "set", "cut", "insert", "truncate"]))
+    i = data.draw(st.integers(start, end - 1))
+    if op == "cut":
+        del b[i : data.draw(st.integers(i + 1, end))]
+    elif op == "insert":
+        b[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    elif op == "truncate":
+        del b[i:]
+    else:
+        for _ in range(data.draw(st.integers(1, 3))):
+            j = data.draw(st.integers(start, end - 1))
+            b[j] = data.draw(st.integers(0, 255)) if op == "set" else b[j] ^ (1 << data.draw(st.integers(0, 7)))
+    try:
+        out = L.decode_tensor(bytes(b), dt, n)
+    except ValueError as e:
+        assert str(e).startswith("lossless: ") and "\n" not in str(e)
+        return
+    assert np.array_equal(out, L.decode_tensor(s, dt, n))
+
+
+@pytest.mark.parametrize(("sections", "match"), [
+    (lambda n, p: [L.PLANE.pack(2, n) + p[0].tobytes(), L.PLANE.pack(0, n) + p[1].tobytes()], "unknown byte plane"),
+    (lambda n, p: [L.PLANE.pack(0, n - 1) + p[0].tobytes()[1:], L.PLANE.pack(0, n) + p[1].tobytes()], "raw byte"),
+    (lambda n, p: [L.PLANE.pack(0, n) + p[0].tobytes(), L.PLANE.pack(0, 1 << 40)], "byte plane 1 of"),
+    (lambda n, p: [L.PLANE.pack(0, n) + p[0].tobytes()], "sections do not add up|byte plane 1"),
+    (lambda n, p: [_zframe(p[0], size=False), L.PLANE.pack(0, n) + p[1].tobytes()], "declares"),
+    (lambda n, p: [_zframe(p[0][:-1]), L.PLANE.pack(0, n) + p[1].tobytes()], "declares"),
+    (lambda n, p: [_zframe(p[0], tail=b"x"), L.PLANE.pack(0, n) + p[1].tobytes()], "exactly"),
+    (lambda n, p: [L.PLANE.pack(1, 5) + b"\x00" * 5, L.PLANE.pack(0, n) + p[1].tobytes()], "bad zstd frame"),
+])
+def test_malformed_plane_sections_are_named(sections, match):
+    """Plane sections of an fp32 stream (k 0) rewritten: each problem named in a one-line LosslessError."""
+    dt, n, s, start, end = PLANE_STREAMS[2]
+    bad = s[:start] + b"".join(sections(n, L.byte_planes(L.decode_tensor(s, dt, n), 2))) + s[end:]
+    with pytest.raises(L.LosslessError, match=match):
+        L.decode_tensor(bad, dt, n)
+
+
+def _zframe(plane: np.ndarray, size: bool = True, tail: bytes = b"") -> bytes:
+    z = zstandard.ZstdCompressor(level=1, write_content_size=size).compress(plane.tobytes()) + tail
+    return L.PLANE.pack(1, len(z)) + z
+
+
+def test_planes_flag_is_checked_against_dtype_and_k():
+    """bf16 has no byte plane, nor fp16 with k > 2: the flag there is an error, not a silent layout."""
+    for dt, k in (("bfloat16", 0), ("float16", 3)):
+        s = bytearray(L.encode_tensor(_gg_bits(dt, 100, 1.0), dt, k=k))
+        s[5] |= L.PLANES_FLAG
+        with pytest.raises(L.LosslessError, match="byte planes flagged"):
+            L.decode_tensor(bytes(s), dt, 100)

@@ -17,13 +17,14 @@ from typer.testing import CliRunner
 
 import ggprior.gg
 from ggprior.cli import app
-from ggprior.codec import container
+from ggprior.codec import container, lossless
 from ggprior.codec.allocate import AllocationError
 from ggprior.codec.container import ContainerError, load_compressed, read_header, save_compressed
 from ggprior.codec.quantizer import QuantError
 
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
             torch.float64: torch.int64}
+DATA = Path(__file__).parent.parent / "data"
 SPECIALS = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1e-40, -1e-45, 6e-8]
 
 
@@ -56,6 +57,30 @@ def test_lossless_round_trip_is_bit_exact_in_every_dtype(tmp_path):
         assert back[k].dtype == t.dtype and back[k].shape == t.shape
         assert torch.equal(_bits(back[k]), _bits(t)), k
     assert read_header(tmp_path / "m.ggz")["tensors"][0]["chunks"][0]["n"] == 500
+
+
+
+def _golden_model() -> dict[str, torch.Tensor]:
+    """The tensors of tests/data/v2_lossless.ggz: :func:`_lossless_model` and fp16 values cast up to fp32."""
+    return {**_lossless_model(), "w.fp32lo": (torch.randn(600, generator=torch.Generator().manual_seed(7)) * 0.05)
+            .half().float()}
+
+
+def test_lossless_golden_file_reads_and_old_layout_is_unchanged():
+    """A lossless file written before the byte-plane layout (chunks of 300 values) decodes to the tensors stored
+    beside it, and its streams are exactly what ``encode_tensor(..., planes=False)`` writes today."""
+    path = DATA / "v2_lossless.ggz"
+    got, want = load_compressed(path), load_file(str(DATA / "v2_lossless.decoded.safetensors"))
+    assert set(got) == set(want) and all(torch.equal(_bits(got[k]), _bits(want[k])) for k in want)
+    ref = _golden_model()
+    assert all(torch.equal(_bits(want[k]), _bits(ref[k])) for k in ref)
+    header, body = _split(path.read_bytes())
+    for e in header["tensors"]:
+        flat, start = ref[e["name"]].reshape(-1), 0
+        for c in e.get("chunks", []):
+            chunk = flat[start : start + c["n"]]
+            start += c["n"]
+            assert lossless.encode_tensor(chunk, e["dtype"], planes=False) == body[c["offset"] : c["offset"] + c["length"]]
 
 
 def test_nan_and_inf_under_quantization_name_the_tensor(tmp_path):
