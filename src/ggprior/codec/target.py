@@ -32,7 +32,9 @@ TABLE_CODERS = ("ans", "ans-hist")
 TOLERANCE = 0.002
 ROUNDS = 6
 SAMPLE = 1 << 17
-"""Values of a larger tensor the trellis size search codes (4 evenly spaced blocks); smaller ones are coded whole."""
+"""Values of a larger tensor the trellis size search codes (``SAMPLE // BLOCK`` evenly spaced blocks, so a tensor
+whose rows differ, an embedding, is sampled across them); smaller tensors are coded whole."""
+BLOCK = 1 << 10
 
 
 def stored_bits(t: torch.Tensor, step: float, *, coder: str = "ans", gg_fit: str = "moment", name: str = "tensor",
@@ -52,16 +54,15 @@ def trellis_bits(t: torch.Tensor, step: float, *, coder: str = "ans", gg_fit: st
                  chunk_values: int = 1 << 22, sample: int = SAMPLE) -> float:
     """Bits the writer stores for ``t`` under ``trellis=True`` at the rule step ``step``: the smaller of the trellis
     payloads at ``trellis.file_step(step)`` and the scalar stream (:func:`stored_bits`). A tensor of more than
-    ``sample`` values is estimated from 4 evenly spaced blocks quantized together: their streams scaled to its
-    size, plus their head and tables once per chunk (within ~0.3 % of the real size above 1 bit/weight)."""
+    ``sample`` values is estimated from evenly spaced blocks of ``BLOCK`` values quantized together: their streams
+    scaled to its size, plus their head and tables once per chunk."""
     flat = t.detach().reshape(-1)
     n, ts, states = flat.numel(), trellis_codec.file_step(step, name), trellis_codec.FILE_STATES
     if n <= sample:
         tb = 8.0 * sum(len(trellis_codec.encode(trellis_codec.quantize(flat[a:a + chunk_values], ts, n_states=states,
                                                                        name=name))) for a in range(0, n, chunk_values))
     else:
-        block = sample // 4
-        x = torch.cat([flat[a:a + block] for a in np.linspace(0, n - block, 4).astype(np.int64).tolist()])
+        x = torch.cat([flat[a:a + BLOCK] for a in np.linspace(0, n - BLOCK, sample // BLOCK).astype(np.int64).tolist()])
         p = trellis_codec.encode(trellis_codec.quantize(x, ts, n_states=states, name=name))
         side = trellis_codec.side_bytes(p)
         tb = 8.0 * ((len(p) - side) * n / x.numel() + side * math.ceil(n / chunk_values))
