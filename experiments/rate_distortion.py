@@ -18,7 +18,15 @@ Tensors: the 2-D matrices of all-MiniLM-L6-v2 (sentence-transformers, built in) 
   from calibration batches (MiniLM: mean squared gradient of random projections of the pooled
   sentence embedding, i.e. how much the embedding moves per unit weight error; SmolLM2: mean
   squared gradient of the LM loss), sizes calibrated to the real rANS code lengths;
-* ggprior ``alloc-rows``: the same with per-row steps where they pay (per-row gradient weights).
+* ggprior ``alloc-rows``: the same with per-row steps where they pay (per-row gradient weights);
+* ggprior ``alloc-trellis``: the ``alloc`` allocation (same weights) stored with 8-state trellis quantization,
+  through the real writer: ``save_compressed(target_bits=B, trellis=True, weights=...)`` to a temporary
+  ``.ggz`` and back; bits = the file's stored bytes of each tensor (payloads, tables) + 32 bits for its step
+  (+ 96 for the GG of a tensor that fell back to the scalar stream).
+
+``--families f1,f2`` measures only those families and merges them into the existing rate_distortion.json
+(replacing their old points; the other families' points stay, the run is recorded in ``meta.runs``);
+``--models`` picks the tensor sets (synthetic, minilm, smollm2).
 
 Measures: per-tensor SQNR and bits/weight; MiniLM sentence-embedding cosine against the original
 (mean pooling, a fixed set of sentences from the sentiment and topic test splits; calibration
@@ -260,20 +268,39 @@ def methods(p: dict, nnc: bool, qps: tuple[int, ...] = NNC_QPS) -> list[tuple[st
     ms += [("ggprior-rel", f"rel{r}", r) for r in p["rels"]]
     ms += [("ggprior-alloc", f"B{b}", b) for b in p["targets"]]
     ms += [("ggprior-alloc-rows", f"B{b}", b) for b in p["targets"]]
+    ms += [("ggprior-alloc-trellis", f"B{b}", b) for b in p["targets"]]
     return ms
 
 
+def m_trellis_alloc(tens: dict[str, torch.Tensor], target: float, weights) -> tuple[dict, dict]:
+    """Reconstructions and stored bits of each tensor in a ``.ggz`` written at ``target`` bits/weight with the
+    trellis (the file's bytes of the tensor, plus its step and, for a scalar fallback, its GG parameters)."""
+    import tempfile
+
+    from ggprior.codec import load_compressed, save_compressed, stored_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        h = save_compressed(tens, f"{tmp}/m.ggz", target_bits=target, trellis=True, weights=weights)
+        back = load_compressed(f"{tmp}/m.ggz")
+    bits = {e["name"]: 8.0 * stored_bytes(e) + 32 + (96 if e["encoding"] == "quantized" else 0) for e in h["tensors"]}
+    return {k: back[k].float() for k in tens}, bits
+
+
 def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, model=None, quality=None,
-              weights=None, row_weights=None, log=print, ms: list[tuple[str, str, object]] | None = None) -> dict:
-    """Every method of ``ms`` (default: ``methods(p, nnc)``) on ``tens``; with ``model``, quality of the decoded model."""
+              weights=None, row_weights=None, log=print, ms: list[tuple[str, str, object]] | None = None,
+              families=None) -> dict:
+    """Every method of ``ms`` (default: ``methods(p, nnc)``) on ``tens``, only the ``families`` named when given;
+    with ``model``, quality of the decoded model."""
     n = sum(t.numel() for t in tens.values())
     res = {"model": label, "tensors": len(tens), "weights": n, "points": [], "per_tensor": []}
     if quality is not None:
         res["reference_quality"] = quality(model)
     models_t = {k: A.tensor_model(k, t, (weights or {}).get(k, 1.0)) for k, t in tens.items()}
     models_r = {k: A.tensor_model(k, t, (weights or {}).get(k, 1.0), row_weight=(row_weights or {}).get(k),
-                                  per_row=True) for k, t in tens.items()}
+                                  per_row=True) for k, t in tens.items()} if not families or "ggprior-alloc-rows" in families else {}
     for fam, tag, arg in methods(p, nnc) if ms is None else ms:
+        if families and fam not in families:
+            continue
         t0 = time.time()
         steps = None
         if fam == "ggprior-alloc":
@@ -282,6 +309,8 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
         elif fam == "ggprior-alloc-rows":
             al = A.allocate([copy.copy(m) for m in models_r.values()], arg, per_row=True, tensors=tens)
             steps, gaps = al.steps, {r["name"]: r for r in al.rows}
+        elif fam == "ggprior-alloc-trellis":
+            tr_recon, tr_bits = m_trellis_alloc(tens, arg, weights)
         recon, bits, rows = {}, 0.0, []
         for k, w in tens.items():
             if fam == "gguf":
@@ -294,6 +323,8 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
                 r, b = m_nncodec(w, arg)
             elif fam == "ggprior-rel":
                 r, b = m_step(w, quant.step_for_rel_error(w, arg, name=k), k)
+            elif fam == "ggprior-alloc-trellis":
+                r, b = tr_recon[k], tr_bits[k]
             else:
                 r, b = m_step(w, steps[k], k)
             recon[k], bits = r, bits + b
@@ -361,7 +392,7 @@ def goals(res: dict) -> dict:
     for q in pts:
         fam.setdefault(q["method"], []).append(q)
     out = {}
-    ours = {f: fam[f] for f in ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-rel") if f in fam}
+    ours = {f: fam[f] for f in ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-rel", "ggprior-alloc-trellis") if f in fam}
     if "quality" in pts[0]:
         higher = res["model"].startswith("minilm")
         fixed = [q for f in ("gguf", "nf4", "int8") for q in fam.get(f, [])]
@@ -369,9 +400,10 @@ def goals(res: dict) -> dict:
         for q in fixed + fam.get("nncodec", []):
             need = {f: _interp_bits_at(v, "quality", q["quality"], higher) for f, v in ours.items()}
             best_f = min(need, key=need.get)
+            scalar = min((b for f, b in need.items() if f != "ggprior-alloc-trellis"), default=math.inf)
             rows.append({"peer": q["method"], "setting": q["setting"], "peer_bits": q["bits"], "peer_quality": q["quality"],
                          **{f"{f}_bits": b for f, b in need.items()}, "best_ggprior": best_f,
-                         "ratio": need[best_f] / q["bits"]})
+                         "ratio": need[best_f] / q["bits"], "ratio_without_trellis": scalar / q["bits"]})
         out["equal_quality"] = rows
         fl = [r for r in rows if r["peer"] != "nncodec"]
         out["ratio_vs_fixed_length_peers_max"] = max((r["ratio"] for r in fl), default=math.nan)
@@ -401,7 +433,7 @@ def goals(res: dict) -> dict:
 
 STYLE = {"gguf": ("s", "C0"), "nf4": ("^", "C1"), "int8": ("v", "C2"), "fp8-e4m3": ("x", "C3"),
          "fp8-e4m3-scaled": ("+", "C3"), "nncodec": ("D", "C4"), "ggprior-rel": ("o", "C5"),
-         "ggprior-alloc": ("*", "C6"), "ggprior-alloc-rows": ("P", "C7")}
+         "ggprior-alloc": ("*", "C6"), "ggprior-alloc-rows": ("P", "C7"), "ggprior-alloc-trellis": ("X", "C8")}
 
 
 def plot(results: list[dict], path: Path) -> Path:
@@ -447,6 +479,10 @@ def fmt(v, d=3):
 def readme(results: list[dict], meta: dict) -> str:
     L = ["# Rate-distortion: ggprior against GGUF, NF4, int8, FP8 and NNCodec", "",
          f"Command: `{meta['command']}` ({meta['seconds']:.0f} s on 2 shared CPU cores).", "",
+         *[f"Families `{r['families']}` ({', '.join(x.split(' (')[0] for x in r['models'])}) measured later by "
+           f"`{r['command']}` ({r['seconds']:.0f} s) and merged in (their old points replaced; every peer is a "
+           "deterministic function of the same tensors)." for r in meta.get("runs", [])[1:]],
+         *([""] if meta.get("runs") else []),
          "Every method on the same tensors in one run; bits/weight include every byte of side information "
          "(GGUF block scales, NF4 scalers, int8 row scales, FP8 scale, the NNCodec bitstream, ggprior's step, "
          "GG parameters, range, rANS state and per-row step offsets). ggprior's sizes are the rANS code lengths "
@@ -468,20 +504,24 @@ def readme(results: list[dict], meta: dict) -> str:
         L += [""]
         if "equal_quality" in g:
             L += [f"Equal {qlab}: bits ggprior needs (interpolated on its curves) / bits of the peer:", "",
-                  "| peer | setting | peer bits | peer " + qlab + " | alloc bits | alloc-rows bits | rel bits | best ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| peer | setting | peer bits | peer " + qlab + " | alloc bits | alloc-rows bits | rel bits | "
+                  "alloc-trellis bits | best ratio without trellis | best ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
             for e in g["equal_quality"]:
                 L.append(f"| {e['peer']} | {e['setting']} | {e['peer_bits']:.3f} | {e['peer_quality']:.5f} | "
                          f"{fmt(e.get('ggprior-alloc_bits'))} | {fmt(e.get('ggprior-alloc-rows_bits'))} | "
-                         f"{fmt(e.get('ggprior-rel_bits'))} | {fmt(e['ratio'])} |")
+                         f"{fmt(e.get('ggprior-rel_bits'))} | {fmt(e.get('ggprior-alloc-trellis_bits'))} | "
+                         f"{fmt(e.get('ratio_without_trellis'))} | {fmt(e['ratio'])} |")
             L += [""]
         if g.get("sqnr_vs_gguf"):
             L += ["Median SQNR at each GGUF quant's size (ggprior curves interpolated):", "",
-                  "| GGUF | bits | GGUF dB | rel dB | alloc dB | alloc-rows dB |", "|---|---|---|---|---|---|"]
+                  "| GGUF | bits | GGUF dB | rel dB | alloc dB | alloc-rows dB | alloc-trellis dB |",
+                  "|---|---|---|---|---|---|---|"]
             for e in g["sqnr_vs_gguf"]:
                 L.append(f"| {e['gguf']} | {e['bits']:.2f} | {e['gguf_median_sqnr_db']:.2f} | "
                          f"{fmt(e.get('ggprior-rel_median_sqnr_db'), 2)} | {fmt(e.get('ggprior-alloc_median_sqnr_db'), 2)} | "
-                         f"{fmt(e.get('ggprior-alloc-rows_median_sqnr_db'), 2)} |")
+                         f"{fmt(e.get('ggprior-alloc-rows_median_sqnr_db'), 2)} | "
+                         f"{fmt(e.get('ggprior-alloc-trellis_median_sqnr_db'), 2)} |")
             L += [""]
         if "gap_to_slb_bits_median" in g:
             L += [f"Distance of uniform scalar quantization + ideal entropy coding to the Shannon lower bound "
@@ -497,6 +537,9 @@ def readme(results: list[dict], meta: dict) -> str:
           "* Sensitivities come from a few calibration batches (MiniLM: train-split sentences, disjoint from the "
           "evaluation sentences; SmolLM2: bbc-lm train text); the evaluation sets are small (see the command's "
           "parameters in the JSON), one seed.",
+          "* `ggprior-alloc-trellis` is written and read back through `save_compressed(target_bits=B, trellis=True, "
+          "weights=...)`: its bits are the file's own bytes per tensor (trellis payloads with their tables and head, or "
+          "a scalar fallback's table and chunks) plus 32 bits of step (96 more for a fallback's GG), not a model rate.",
           "* `ggprior-alloc` minimises the sensitivity-weighted MSE, not SQNR: its median SQNR is not what it "
           "optimises; `ggprior-rel` (equal relative error per tensor) is the SQNR-oriented rule.",
           "* NNCodec runs with a stub `torchvision` module (no CPU torchvision for torch 2.13.0 installs here; "
@@ -513,14 +556,18 @@ def goal_lines(results: list[dict]) -> list[str]:
             fl = [e for e in g["equal_quality"] if e["peer"] != "nncodec"]
             worst = max(fl, key=lambda e: e["ratio"]) if fl else None
             verdict = "holds" if g["goal_0.75x_fixed_length_peers"] else "does not hold"
-            detail = ", ".join(f"{e['setting']} {e['ratio']:.2f}" for e in fl)
+            detail = ", ".join(f"{e['setting']} {e['ratio']:.2f}" + (
+                f" (without trellis {e['ratio_without_trellis']:.2f})" if e.get("ggprior-alloc-trellis_bits") else "")
+                for e in fl)
             out.append(f"* {name}: <= 0.75x the bits of every fixed-length peer at equal quality **{verdict}** "
                        f"(ratios {detail}; worst {worst['setting'] if worst else ''}).")
             nn = [e for e in g["equal_quality"] if e["peer"] == "nncodec"]
             if nn:
                 verdict = "holds" if g["goal_fewer_bits_than_nncodec"] else "does not hold"
                 out.append(f"* {name}: fewer bits than NNCodec at equal quality **{verdict}** ("
-                           + ", ".join(f"{e['setting']} {e['ratio']:.2f}" for e in nn) + ").")
+                           + ", ".join(f"{e['setting']} {e['ratio']:.2f}" + (
+                               f" (without trellis {e['ratio_without_trellis']:.2f})"
+                               if e.get("ggprior-alloc-trellis_bits") else "") for e in nn) + ").")
         if g.get("sqnr_vs_gguf"):
             verdict = "holds" if g["goal_sqnr_above_every_gguf"] else "does not hold"
             out.append(f"* {name}: median SQNR above every GGUF quant at its size (best ggprior curve) **{verdict}** ("
@@ -534,6 +581,25 @@ def goal_lines(results: list[dict]) -> list[str]:
     return out
 
 
+MODELS = ("synthetic", "minilm", "smollm2")
+
+
+def merged(old: dict, results: list[dict], meta: dict, families: list[str]) -> dict:
+    """``old`` (a rate_distortion.json) with the points of ``families`` replaced by those of ``results`` (matched
+    by model), the run recorded in ``meta.runs``."""
+    runs = old["meta"].get("runs") or [{k: old["meta"][k] for k in ("command", "seconds")} | {"families": "all"}]
+    by_model = {r["model"]: r for r in results}
+    for r in old["results"]:
+        new = by_model.get(r["model"])
+        if new is None:
+            continue
+        r["points"] = [q for q in r["points"] if q["method"] not in families] + new["points"]
+        r["per_tensor"] = [q for q in r["per_tensor"] if q["method"] not in families] + new["per_tensor"]
+    runs.append({"command": meta["command"], "seconds": meta["seconds"], "families": ",".join(families),
+                 "models": [r["model"] for r in results]})
+    return {"meta": {**old["meta"], "runs": runs}, "results": old["results"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -541,6 +607,8 @@ def main() -> None:
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-nncodec", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md and the plot from the JSON")
+    ap.add_argument("--families", help="comma-separated families to measure, merged into the existing JSON")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated tensor sets of {', '.join(MODELS)}")
     a = ap.parse_args()
     if a.report_only:
         d = json.loads((a.out / "rate_distortion.json").read_text())
@@ -550,39 +618,47 @@ def main() -> None:
         (a.out / "README.md").write_text(readme(d["results"], d["meta"]))
         return
     p = QUICK if a.quick else FULL
+    fams = a.families.split(",") if a.families else None
+    known = {f for f, _, _ in methods(p, True)}
+    if fams and not set(fams) <= known:
+        ap.error(f"unknown families {sorted(set(fams) - known)}; known: {sorted(known)}")
+    models = a.models.split(",")
     torch.manual_seed(0)
     t_start = time.time()
     nnc_err = None if a.skip_nncodec else nncodec_available()
     nnc = not a.skip_nncodec and nnc_err is None
     results = []
-    # synthetic GG tensors across gamma
-    r_, c_ = p["synthetic_n"]
-    syn = {f"gg_gamma{g}": ggprior.gg.sample((r_, c_), beta=0.02, gamma=g, generator=torch.Generator().manual_seed(i))
-           for i, g in enumerate(GAMMAS)}
-    results.append(run_model("synthetic GG (gamma 0.5/1/1.5/2)", syn, p, nnc))
-    # MiniLM
-    model, quality, calib, loss_fn = minilm(p)
-    tens = matrices(model, p["minilm_max"])
-    w = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
-    wr = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
-    results.append(run_model("minilm (all-MiniLM-L6-v2 matrices)", tens, p, nnc, model, quality, w, wr))
-    del model
-    if not a.skip_smollm2 and not a.quick:
+    if "synthetic" in models:  # synthetic GG tensors across gamma
+        r_, c_ = p["synthetic_n"]
+        syn = {f"gg_gamma{g}": ggprior.gg.sample((r_, c_), beta=0.02, gamma=g, generator=torch.Generator().manual_seed(i))
+               for i, g in enumerate(GAMMAS)}
+        results.append(run_model("synthetic GG (gamma 0.5/1/1.5/2)", syn, p, nnc, families=fams))
+    if "minilm" in models:
+        model, quality, calib, loss_fn = minilm(p)
+        tens = matrices(model, p["minilm_max"])
+        w = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
+        wr = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
+        results.append(run_model("minilm (all-MiniLM-L6-v2 matrices)", tens, p, nnc, model, quality, w, wr, families=fams))
+        del model
+    if "smollm2" in models and not a.skip_smollm2 and not a.quick:
         model, quality, calib, loss_fn = smollm2(p)
         tens = matrices(model, None)
         w = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
         wr = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
         results.append(run_model("smollm2 (SmolLM2-135M matrices, Q4_1 GGUF -> fp32)", tens, p, nnc, model, quality,
-                                 w, wr))
-    for r in results:
-        r["goals"] = goals(r)
+                                 w, wr, families=fams))
     meta = {"command": command_line(), "seconds": time.time() - t_start, "quick": a.quick, "params": p,
             "nncodec_error": nnc_err if not a.skip_nncodec else "skipped (--skip-nncodec)"}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "rate_distortion.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
-    plot(results, a.out / "rate_distortion.png")
-    (a.out / "README.md").write_text(readme(results, meta))
-    print(json.dumps({"meta": meta, "goals": {r["model"]: r["goals"] for r in results}}, indent=1, default=float))
+    d = {"meta": meta, "results": results}
+    if fams:
+        d = merged(json.loads((a.out / "rate_distortion.json").read_text()), results, meta, fams)
+    for r in d["results"]:
+        r["goals"] = goals(r)
+    (a.out / "rate_distortion.json").write_text(json.dumps(d, indent=1, default=float))
+    plot(d["results"], a.out / "rate_distortion.png")
+    (a.out / "README.md").write_text(readme(d["results"], d["meta"]))
+    print(json.dumps({"meta": meta, "goals": {r["model"]: r["goals"] for r in d["results"]}}, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ggprior.cli import app
+from ggprior.codec import read_header
 from ggprior.codec.lengths import quantized_state_dict
 from ggprior.codec.registry import CODERS
 
@@ -60,14 +61,21 @@ def test_compress_step_and_include(tmp_path, model_file):
 
 def test_compress_trellis(tmp_path, model_file):
     path, sd = model_file
+    sd = {**sd, "big.weight": torch.randn(256, 128, generator=torch.Generator().manual_seed(1)) * 0.02}
+    save_file(sd, str(path))
     ggz, out = tmp_path / "m.ggz", tmp_path / "back.safetensors"
     r = CliRunner().invoke(app, ["compress", str(path), str(ggz), "--rel-error", "0.01", "--trellis"])
     assert r.exit_code == 0, r.output
-    assert "3 quantized tensors" in _text(r) and "(trellis)" in _text(r)
+    assert "4 quantized tensors" in _text(r) and "(trellis)" in _text(r)
+    enc = {e["name"]: e["encoding"] for e in read_header(ggz)["tensors"]}
+    assert enc == {"big.weight": "trellis", "enc.weight": "quantized", "enc.bias": "quantized", "emb.weight": "quantized"}
     assert CliRunner().invoke(app, ["decompress", str(ggz), str(out)]).exit_code == 0
     back = load_file(str(out))
     assert all(float((back[k].float() - v.float()).norm() / v.float().norm()) < 0.012 for k, v in sd.items())
-    for extra in (["--per-row"], ["--target-bits", "4"], ["--lossless"]):
+    r = CliRunner().invoke(app, ["compress", str(path), str(tmp_path / "b.ggz"), "--target-bits", "4", "--trellis"])
+    assert r.exit_code == 0 and "(trellis)" in _text(r), r.output
+    assert {e["name"]: e["encoding"] for e in read_header(tmp_path / "b.ggz")["tensors"]}["big.weight"] == "trellis"
+    for extra in (["--per-row"], ["--lossless"]):
         r = CliRunner().invoke(app, ["compress", str(path), str(tmp_path / "x.ggz"), "--trellis", *extra])
         assert r.exit_code != 0 and "--trellis" in _text(r) and len(r.output.strip().splitlines()) == 1
 

@@ -123,24 +123,66 @@ def test_file_round_trip_matches_the_encoder(tmp_path):
     from ggprior.codec import ContainerError, load_compressed, read_header, save_compressed
 
     g = torch.Generator().manual_seed(0)
-    sd = {"w": ggprior.gg.sample((300, 200), beta=0.02, gamma=1.0, generator=g), "h": torch.randn(64, 8).half(),
+    sd = {"w": ggprior.gg.sample((600, 400), beta=0.02, gamma=1.0, generator=g), "h": torch.randn(64, 8).half(),
           "b": torch.randn(5), "i": torch.arange(4)}
-    h = save_compressed(sd, tmp_path / "t.ggz", trellis=True, rel_error=0.01, chunk_values=25_000)
+    h = save_compressed(sd, tmp_path / "t.ggz", trellis=True, rel_error=0.01, chunk_values=100_000)
     e = {x["name"]: x for x in h["tensors"]}
     assert e["w"]["encoding"] == "trellis" and len(e["w"]["chunks"]) == 3 and e["i"]["encoding"] == "raw"
     assert read_header(tmp_path / "t.ggz")["metadata"]["coder"] == "trellis"
     back = load_compressed(tmp_path / "t.ggz")
     flat = sd["w"].reshape(-1)
-    want = np.concatenate([T.quantize(flat[a:a + 25_000], e["w"]["step"], n_states=e["w"]["states"]).values() for a in range(0, flat.numel(), 25_000)])
-    assert torch.equal(back["w"], torch.from_numpy(want).float().reshape(300, 200))
+    want = np.concatenate([T.quantize(flat[a:a + 100_000], e["w"]["step"], n_states=e["w"]["states"]).values()
+                           for a in range(0, flat.numel(), 100_000)])
+    assert torch.equal(back["w"], torch.from_numpy(want).float().reshape(600, 400))
     assert torch.equal(back["i"], sd["i"]) and back["h"].dtype == torch.float16
     rel = float((back["w"] - sd["w"]).norm() / sd["w"].norm())
     assert 0.0097 < rel < 0.0103  # STEP_RATIO keeps the rule's error
     check_damage(tmp_path / "t.ggz", [("flip", i * 7919, i) for i in range(40)] + [("truncate", 5000, 0)])
-    with pytest.raises(ContainerError, match="trellis"):
-        save_compressed(sd, tmp_path / "x.ggz", trellis=True, per_row=True)
-    with pytest.raises(ContainerError, match="trellis"):
-        save_compressed(sd, tmp_path / "x.ggz", trellis=True, target_bits=4.0)
+    for bad in ({"per_row": True}, {"lossless": True}, {"per_row": True, "target_bits": 4.0}):
+        with pytest.raises(ContainerError, match="trellis|per_row"):
+            save_compressed(sd, tmp_path / "x.ggz", trellis=True, **bad)
+    assert not (tmp_path / "x.ggz").exists()
+
+
+def test_small_tensors_fall_back_to_the_scalar_quantizer(tmp_path):
+    """Each tensor takes the smaller stream: a 4096-value tensor's two trellis tables cost more than the trellis
+    saves (the scalar stream at the rule's step is stored), a 256k-value GG tensor is coded by the trellis."""
+    from ggprior.codec import load_compressed, save_compressed, stored_bytes
+
+    g = torch.Generator().manual_seed(3)
+    sd = {"small": ggprior.gg.sample((64, 64), beta=0.02, gamma=1.0, generator=g),
+          "big": ggprior.gg.sample((512, 512), beta=0.02, gamma=1.0, generator=g)}
+    h = {e["name"]: e for e in save_compressed(sd, tmp_path / "t.ggz", trellis=True, bits=8)["tensors"]}
+    s = {e["name"]: e for e in save_compressed(sd, tmp_path / "s.ggz", bits=8)["tensors"]}
+    assert h["small"]["encoding"] == "quantized" and h["big"]["encoding"] == "trellis"
+    assert stored_bytes(h["small"]) == stored_bytes(s["small"]) and h["small"]["step"] == s["small"]["step"]
+    assert stored_bytes(h["big"]) < 0.98 * stored_bytes(s["big"])
+    back, ref = load_compressed(tmp_path / "t.ggz"), load_compressed(tmp_path / "s.ggz")
+    assert torch.equal(back["small"], ref["small"])
+    mse = {k: float(((back[k] - sd[k]) ** 2).mean()) / float(((ref[k] - sd[k]) ** 2).mean()) for k in sd}
+    assert mse["small"] == 1.0 and 0.9 < mse["big"] < 1.03  # STEP_RATIO: about the scalar MSE
+
+
+def test_target_bits_with_trellis_meets_the_size_and_lowers_the_weighted_error(tmp_path):
+    """At the same target the trellis stores within 1 % of it and gives a lower sensitivity-weighted MSE than
+    the scalar allocation (a GG model with a small tensor that falls back)."""
+    from ggprior.codec import load_compressed, save_compressed, stored_bytes
+
+    specs = [(0.5, 0.002), (1.0, 0.02), (1.5, 0.05), (2.0, 0.03)]
+    sd = {f"t{i}": ggprior.gg.sample((256, 384), beta=b, gamma=g, generator=torch.Generator().manual_seed(i))
+          for i, (g, b) in enumerate(specs)}
+    sd["small"] = ggprior.gg.sample((32, 64), beta=0.02, gamma=1.0, generator=torch.Generator().manual_seed(9))
+    w = {"t0": 10.0, "t1": 1.0, "t2": 0.3, "t3": 3.0, "small": 1.0}
+    n = sum(t.numel() for t in sd.values())
+    for target in (2.5, 6.0):
+        err = {}
+        for trellis in (False, True):
+            h = save_compressed(sd, tmp_path / "t.ggz", target_bits=target, weights=w, trellis=trellis)
+            assert abs(8 * sum(stored_bytes(e) for e in h["tensors"]) / n / target - 1) < 0.01
+            back = load_compressed(tmp_path / "t.ggz")
+            err[trellis] = sum(w[k] * float(((back[k] - sd[k]) ** 2).sum()) for k in sd)
+        assert [e["encoding"] for e in h["tensors"]] == ["trellis"] * 4 + ["quantized"]
+        assert err[True] < 0.9 * err[False]
 
 
 def test_reader_refuses_bad_trellis_fields(tmp_path):

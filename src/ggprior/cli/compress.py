@@ -24,7 +24,8 @@ PER_ROW_HELP = ("give every row (dim 0) of each matrix its own step with the --r
 SIZE_HELP = ("size of the whole .ggz file (300MB, 1.5GiB or bytes; header, side files and tables included): steps "
              "from the GG-model bit allocation, the file within 1% under it")
 TRELLIS_HELP = ("dependent (trellis) quantization, 8 states, at about the scalar quantizer's error for the step rule: "
-                "~0.17 bit/weight smaller (docs/results/rate_distortion/trellis.md); not with --per-row or the targets")
+                "~0.17 bit/weight smaller (docs/results/rate_distortion/trellis.md), a tensor falling back to the scalar "
+                "quantizer where that is smaller; with --target-bits/--target-size too; not with --per-row")
 INCLUDE_GONE = "use --select all|matrices (--include is a tensor-name regex, as in ggprior quantize)"
 
 
@@ -74,8 +75,8 @@ def compress_cmd(
     targets = [f for f, v in (("--target-bits", target_bits), ("--target-size", target_size)) if v is not None]
     if lossless and (targets or given or trellis):
         fail(f"--lossless stores the exact values: it takes no {' or '.join(given + targets + ['--trellis'] * trellis)}")
-    if trellis and (targets or per_row):
-        fail(f"--trellis takes --step, --bits or --rel-error, not {(targets or ['--per-row'])[0]}")
+    if trellis and per_row:
+        fail("--trellis takes --step, --bits, --rel-error or a target, not --per-row")
     if len(targets) > 1:
         fail("give only one of --target-bits, --target-size")
     if targets and given:
@@ -92,7 +93,7 @@ def compress_cmd(
     except _errors() as e:
         fail(str(e))
     kind = "lossless" if lossless else "trellis" if trellis else "quantized"
-    q = [e for e in header["tensors"] if e["encoding"] == kind]
+    q = [e for e in header["tensors"] if e["encoding"] in (kind, "quantized")]
     n = sum(_numel(e) for e in q)
     qbytes = sum(stored_bytes(e) for e in q)
     tied = sum(e["encoding"] == "alias" for e in header["tensors"])

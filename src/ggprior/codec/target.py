@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -24,11 +25,16 @@ import torch
 from . import allocate as alloc
 from . import ggmodel, rans, registry
 from . import quantizer as quant
+from . import trellis as trellis_codec
 from .histogram import histogram
 
 TABLE_CODERS = ("ans", "ans-hist")
 TOLERANCE = 0.002
 ROUNDS = 6
+SAMPLE = 1 << 17
+"""Values of a larger tensor the trellis size search codes (``SAMPLE // BLOCK`` evenly spaced blocks, so a tensor
+whose rows differ, an embedding, is sampled across them); smaller tensors are coded whole."""
+BLOCK = 1 << 10
 
 
 def stored_bits(t: torch.Tensor, step: float, *, coder: str = "ans", gg_fit: str = "moment", name: str = "tensor",
@@ -44,15 +50,37 @@ def stored_bits(t: torch.Tensor, step: float, *, coder: str = "ans", gg_fit: str
     return 8.0 * len(rans.pack_freqs(freqs)) + payload + chunks * (128 + 8)  # 4 u32 states, a word's rounding
 
 
+def trellis_bits(t: torch.Tensor, step: float, *, coder: str = "ans", gg_fit: str = "moment", name: str = "tensor",
+                 chunk_values: int = 1 << 22, sample: int = SAMPLE) -> float:
+    """Bits the writer stores for ``t`` under ``trellis=True`` at the rule step ``step``: the smaller of the trellis
+    payloads at ``trellis.file_step(step)`` and the scalar stream (:func:`stored_bits`). A tensor of more than
+    ``sample`` values is estimated from evenly spaced blocks of ``BLOCK`` values quantized together: their streams
+    scaled to its size, plus their head and tables once per chunk."""
+    flat = t.detach().reshape(-1)
+    n, ts, states = flat.numel(), trellis_codec.file_step(step, name), trellis_codec.FILE_STATES
+    if n <= sample:
+        tb = 8.0 * sum(len(trellis_codec.encode(trellis_codec.quantize(flat[a:a + chunk_values], ts, n_states=states,
+                                                                       name=name))) for a in range(0, n, chunk_values))
+    else:
+        x = torch.cat([flat[a:a + BLOCK] for a in np.linspace(0, n - BLOCK, sample // BLOCK).astype(np.int64).tolist()])
+        p = trellis_codec.encode(trellis_codec.quantize(x, ts, n_states=states, name=name))
+        side = trellis_codec.side_bytes(p)
+        tb = 8.0 * ((len(p) - side) * n / x.numel() + side * math.ceil(n / chunk_values))
+    return min(tb, stored_bits(t, step, coder=coder, gg_fit=gg_fit, name=name, chunk_values=chunk_values))
+
+
 def target_steps(
     tensors: Mapping[str, torch.Tensor], names: list[str], target_bits: float, *, coder: str = "ans",
     gg_fit: str = "moment", weights: Mapping[str, float] | None = None, chunk_values: int = 1 << 22,
+    trellis: bool = False, jobs: int = 1,
 ) -> tuple[dict[str, float], dict]:
     """Steps (name -> float32 step) of the tensors ``names`` meeting ``target_bits`` bits/weight, and a summary.
 
     ``tensors`` maps names to tensors (loaded on demand); ``weights`` are sensitivity weights per
-    tensor (a float each; default 1). Raises QuantError naming a tensor with NaN/Inf values and
-    AllocationError for a target that cannot be met.
+    tensor (a float each; default 1). ``trellis=True``: the steps are the rules of the writer's trellis
+    coding (:func:`trellis_bits`, ``jobs`` threads): the scalar allocation's steps, rescaled by one
+    factor until the trellis sizes meet the target. Raises QuantError naming a tensor with NaN/Inf
+    values and AllocationError for a target that cannot be met.
     """
     if coder not in TABLE_CODERS:
         raise alloc.AllocationError(f"a target size needs an rANS coder ({', '.join(TABLE_CODERS)}), got {coder!r}")
@@ -123,6 +151,22 @@ def target_steps(
         raise alloc.AllocationError(
             f"target of {target_bits:g} bits/weight is above what quantized coding stores ({most:.2f} bits/weight at "
             f"the finest steps a {rans.NSYM_MAX:,}-symbol rANS alphabet allows); store losslessly instead")
+    if trellis:
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            def tsize(st: Mapping[str, float]) -> float:  # tensors loaded here, ``jobs`` at a time, sized in threads
+                items, total = list(st.items()), 0.0
+                for a in range(0, len(items), max(1, jobs)):
+                    part = [(tensors[k], s, k) for k, s in items[a:a + max(1, jobs)]]
+                    total += sum(pool.map(lambda x: trellis_bits(x[0], x[1], coder=coder, gg_fit=gg_fit, name=x[2],
+                                                                 chunk_values=chunk_values), part))
+                return total
+
+            fixed_t = tsize(fixed)
+
+            def bits_of(st: dict[str, float]) -> float:
+                return (fixed_t + tsize({k: st[k] for k in floor})) / n
+
+            best = _rescaled((best[0], bits_of(best[0])), target_bits, floor, bits_of)
     return _met(*best, target_bits, names, n)
 
 

@@ -44,7 +44,7 @@ from numba import njit
 
 from . import rans
 from .bits import CodingError
-from .quantizer import QuantError, check_step
+from .quantizer import MIN_STEP, QuantError, check_step
 
 TRELLISES: dict[int, tuple[np.ndarray, np.ndarray]] = {
     # s -> (NEXT[s, parity 0], NEXT[s, parity 1]); QUANT[s]: 0 for Q0, 1 for Q1
@@ -337,6 +337,23 @@ STEP_RATIO = 0.565
 """Trellis step per scalar step at equal MSE: a rule's step ``s`` (``--rel-error``, ``--bits``, ``--step``,
 chosen for rounding) becomes ``STEP_RATIO * s``, whose trellis MSE is within 3 % of the scalar's
 ``s^2 / 12`` on GG data (``LAMBDA_C``; MSE / step^2 is 0.25 to 0.27 with 4 states, 0.24 to 0.26 with 8)."""
+
+
+def file_step(rule_step: float, name: str = "tensor") -> float:
+    """The trellis step of a scalar rule's step: ``STEP_RATIO`` times it (float32, at least ``MIN_STEP``)."""
+    return check_step(max(rule_step * STEP_RATIO, MIN_STEP), name)
+
+
+def side_bytes(payload: bytes) -> int:
+    """Bytes of a payload of :func:`encode` that are not rANS streams (head, counts, sizes, tables)."""
+    pos, side = _HEAD.size, _HEAD.size
+    for _ in range(CLASSES):
+        (count,) = _COUNT.unpack_from(payload, pos)
+        pos, side = pos + _COUNT.size, side + _COUNT.size
+        if count:
+            lt, ls = _SIZES.unpack_from(payload, pos)
+            pos, side = pos + _SIZES.size + lt + ls, side + _SIZES.size + lt
+    return side
 
 
 def encode_tensor(t: torch.Tensor, step: float, n_states: int, chunk_values: int, pool: Executor,

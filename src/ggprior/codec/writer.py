@@ -4,6 +4,7 @@ to a temporary file, then the header and the data written atomically (docs/forma
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -52,6 +53,7 @@ from .header import (
     chunk_bounds,
     crc,
     qcrc,
+    stored_bytes,
 )
 from .histogram import Histogram, histogram
 from .target import target_steps
@@ -172,18 +174,28 @@ def _encode_lossless(t: torch.Tensor, dtype: str, pool: ThreadPoolExecutor, spoo
     return {"encoding": "lossless", "chunks": chunks}
 
 
-def _encode_trellis(t: torch.Tensor, name: str, rule: dict, pool: ThreadPoolExecutor, spool: _Spool,
-                   chunk_values: int) -> dict:
-    """Code one floating tensor by dependent quantization at ``STEP_RATIO`` times the rule's step, chunks in parallel."""
+def _encode_trellis(t: torch.Tensor, name: str, rule: dict, coder: str, gg_fit: str, pool: ThreadPoolExecutor,
+                    spool: _Spool, chunk_values: int) -> dict:
+    """Code one floating tensor by dependent quantization at ``STEP_RATIO`` times the rule's step (chunks in
+    parallel), or by the scalar quantizer at the rule's step (about the same MSE) where that stream is smaller:
+    a small tensor, whose two tables per chunk cost more than the trellis saves."""
     s = quant.choose_step(t, name=name, step=rule["step"], bits=rule["bits"], rel=rule["rel"])
-    step = quant.check_step(max(s * trellis_codec.STEP_RATIO, quant.MIN_STEP), name)
-    states = trellis_codec.FILE_STATES
+    step, states = trellis_codec.file_step(s, name), trellis_codec.FILE_STATES
     chunks = trellis_codec.encode_tensor(t, step, states, chunk_values, pool, name)
+    buf = _Spool(io.BytesIO())
+    e = _encode_tensor(t, name, coder, {"step": s, "bits": None, "rel": None}, gg_fit, pool, buf, chunk_values)
+    if stored_bytes(e) < sum(len(d) for _, d in chunks):
+        data = buf.f.getvalue()
+
+        def put(c: dict) -> dict:  # a stream of the scalar encoding, moved into the file's data section
+            return {**c, **spool.put(data[c["offset"]:c["offset"] + c["length"]])}
+
+        return {**e, **({"table": put(e["table"])} if "table" in e else {}), "chunks": [put(c) for c in e["chunks"]]}
     return {"encoding": "trellis", "step": step, "states": states, "chunks": [{"n": n, **spool.put(d)} for n, d in chunks]}
 
 
 def _step_rules(src, names: list[str], rule: dict, target_bits: float | None, coder: str, gg_fit: str,
-                weights: Mapping[str, float] | None, chunk_values: int) -> dict[str, dict]:
+                weights: Mapping[str, float] | None, chunk_values: int, trellis: bool, jobs: int) -> dict[str, dict]:
     """Each quantized tensor's step rule: the common ``rule``, or the steps of a ``target_bits`` allocation."""
     if target_bits is None:
         if weights is not None:
@@ -192,7 +204,7 @@ def _step_rules(src, names: list[str], rule: dict, target_bits: float | None, co
     if not names:
         raise ContainerError(f"{src.label}: target_bits given, but no tensor is quantized")
     steps, _ = target_steps(src, names, target_bits, coder=coder, gg_fit=gg_fit, weights=weights,
-                            chunk_values=chunk_values)
+                            chunk_values=chunk_values, trellis=trellis, jobs=jobs)
     return {k: {"step": s, "bits": None, "rel": None} for k, s in steps.items()}
 
 
@@ -281,8 +293,9 @@ def save_compressed(
     ``per_row=True`` gives every row (dim 0) of each quantized tensor of 2+ dimensions its own
     step with relative RMS error ``rel_error`` on that row (stored as bfloat16 patterns).
     ``trellis=True`` codes the quantized tensors by 8-state dependent quantization (:mod:`ggprior.codec.trellis`)
-    at ``trellis.STEP_RATIO`` times the rule's step (about the scalar quantizer's MSE, ~0.17 bit/weight fewer);
-    not with ``per_row``, ``lossless`` or the target sizes; ``coder`` is then unused.
+    at ``trellis.STEP_RATIO`` times the rule's step (about the scalar quantizer's MSE, ~0.17 bit/weight fewer),
+    each tensor falling back to the scalar ``coder`` at the rule's step where that stream is smaller; with a
+    target, the steps are rescaled to the trellis sizes; not with ``per_row`` or ``lossless``.
     """
     coder = registry.check_coder(coder)
     modes = [k for k, v in (("lossless", lossless), ("target_bits", target_bits is not None),
@@ -291,8 +304,8 @@ def save_compressed(
         raise ContainerError(f"{modes[0]} and {modes[1]} exclude each other")
     if modes and (step is not None or bits is not None or rel_error is not None or per_row):
         raise ContainerError(f"{modes[0]} takes no step, bits, rel_error or per_row")
-    if trellis and (modes or per_row):
-        raise ContainerError(f"trellis takes step, bits or rel_error, not {modes[0] if modes else 'per_row'}")
+    if trellis and (lossless or per_row):
+        raise ContainerError(f"trellis takes step, bits, rel_error or a target, not {'lossless' if lossless else 'per_row'}")
     if per_row and (step is not None or bits is not None):
         raise ContainerError("per_row takes rel_error (default 0.005), not step or bits")
     step, bits, rel_error = (None, None, None) if modes else quant.resolve_rule(step, bits, rel_error)
@@ -323,7 +336,8 @@ def save_compressed(
     try:
         if target_size is not None:
             target_bits = _size_to_bits(src, quantized, aliases, files, meta, coder, chunk_values, target_size)
-        rules = _step_rules(src, quantized, rule, target_bits, coder, gg_fit, weights, chunk_values)
+        rules = _step_rules(src, quantized, rule, target_bits, coder, gg_fit, weights, chunk_values, trellis,
+                            jobs or default_jobs())
     except (AllocationError, CodingError) as err:
         if target_size is None:
             raise
@@ -351,7 +365,7 @@ def save_compressed(
                     raise ContainerError(f"{tag}: {err}") from err
             elif name in rules and trellis:
                 try:
-                    e.update(_encode_trellis(src[name], name, rules[name], pool, spool, chunk_values))
+                    e.update(_encode_trellis(src[name], name, rules[name], coder, gg_fit, pool, spool, chunk_values))
                 except (CodingError, quant.QuantError) as err:
                     raise ContainerError(f"{tag}: {err}") from err
             elif name in rules:
