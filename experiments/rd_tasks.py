@@ -88,7 +88,8 @@ def load_classifier(task: str, seed: int, models_dir: Path, quick: bool) -> tupl
         model.load_state_dict(load_file(str(path)))
         return model, str(path)
     if not quick:
-        raise FileNotFoundError(path)
+        raise SystemExit(f"{path}: no fine-tuned classifier; train it with experiments/pretrained_study.py "
+                         "(docs/results/pretrained_cpu/README.md has the commands) and pass its WORK/models as --models-dir")
     return model, "untrained head (quick, no model file)"
 
 
@@ -372,7 +373,8 @@ def write(results: list[dict], meta: dict, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4 matrices, 64 test examples, a few methods")
-    ap.add_argument("--models-dir", type=Path, default=Path("/work/ps-cpu-work/models"))
+    ap.add_argument("--models-dir", type=Path, default=Path("runs/pretrained_cpu/models"),
+                    help="the plain fine-tunes {task}-s{seed}-plain.safetensors of experiments/pretrained_study.py (its --work/models)")
     ap.add_argument("--tasks", default=None, help="default sentiment,spam,topic (--quick: spam)")
     ap.add_argument("--seeds", default=None, help="default 0,1 (--quick: 0)")
     ap.add_argument("--out", type=Path, default=None,
