@@ -315,7 +315,9 @@ def _fill(counts: torch.Tensor, first_bin: int, w: float, snap: bool) -> torch.T
     left = (torch.arange(counts.numel(), device=dev, dtype=torch.float64) + (first_bin - 0.5)) * w
     if snap:
         return torch.repeat_interleave(left + 0.5 * w, counts, output_size=total)
-    step = 0.5 * w / counts.clamp(min=1).to(torch.float64)
+    # a true division (a Python number / tensor is reciprocal-then-multiply in torch, one more rounding)
+    step = torch.div(torch.full((counts.numel(),), 0.5 * w, device=dev, dtype=torch.float64),
+                     counts.clamp(min=1).to(torch.float64))
     first_rank = (torch.cumsum(counts, 0) - counts).to(torch.float64)
     base = left + 0.25 * w + step * (0.5 - first_rank)
     k = torch.arange(total, device=dev, dtype=torch.float64)
