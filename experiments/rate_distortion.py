@@ -287,20 +287,17 @@ def m_trellis_alloc(tens: dict[str, torch.Tensor], target: float, weights) -> tu
 
 
 def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, model=None, quality=None,
-              weights=None, row_weights=None, log=print, ms: list[tuple[str, str, object]] | None = None,
-              families=None) -> dict:
-    """Every method of ``ms`` (default: ``methods(p, nnc)``) on ``tens``, only the ``families`` named when given;
-    with ``model``, quality of the decoded model."""
+              weights=None, row_weights=None, log=print, ms: list[tuple[str, str, object]] | None = None) -> dict:
+    """Every method of ``ms`` (default: ``methods(p, nnc)``) on ``tens``; with ``model``, quality of the decoded model."""
+    ms = methods(p, nnc) if ms is None else ms
     n = sum(t.numel() for t in tens.values())
     res = {"model": label, "tensors": len(tens), "weights": n, "points": [], "per_tensor": []}
     if quality is not None:
         res["reference_quality"] = quality(model)
     models_t = {k: A.tensor_model(k, t, (weights or {}).get(k, 1.0)) for k, t in tens.items()}
     models_r = {k: A.tensor_model(k, t, (weights or {}).get(k, 1.0), row_weight=(row_weights or {}).get(k),
-                                  per_row=True) for k, t in tens.items()} if not families or "ggprior-alloc-rows" in families else {}
-    for fam, tag, arg in methods(p, nnc) if ms is None else ms:
-        if families and fam not in families:
-            continue
+                                  per_row=True) for k, t in tens.items()} if any(m[0] == "ggprior-alloc-rows" for m in ms) else {}
+    for fam, tag, arg in ms:
         t0 = time.time()
         steps = None
         if fam == "ggprior-alloc":
@@ -628,18 +625,19 @@ def main() -> None:
     t_start = time.time()
     nnc_err = None if a.skip_nncodec else nncodec_available()
     nnc = not a.skip_nncodec and nnc_err is None
+    ms = [m for m in methods(p, nnc) if not fams or m[0] in fams]
     results = []
     if "synthetic" in models:  # synthetic GG tensors across gamma
         r_, c_ = p["synthetic_n"]
         syn = {f"gg_gamma{g}": ggprior.gg.sample((r_, c_), beta=0.02, gamma=g, generator=torch.Generator().manual_seed(i))
                for i, g in enumerate(GAMMAS)}
-        results.append(run_model("synthetic GG (gamma 0.5/1/1.5/2)", syn, p, nnc, families=fams))
+        results.append(run_model("synthetic GG (gamma 0.5/1/1.5/2)", syn, p, nnc, ms=ms))
     if "minilm" in models:
         model, quality, calib, loss_fn = minilm(p)
         tens = matrices(model, p["minilm_max"])
         w = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
         wr = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
-        results.append(run_model("minilm (all-MiniLM-L6-v2 matrices)", tens, p, nnc, model, quality, w, wr, families=fams))
+        results.append(run_model("minilm (all-MiniLM-L6-v2 matrices)", tens, p, nnc, model, quality, w, wr, ms=ms))
         del model
     if "smollm2" in models and not a.skip_smollm2 and not a.quick:
         model, quality, calib, loss_fn = smollm2(p)
@@ -647,7 +645,7 @@ def main() -> None:
         w = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
         wr = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
         results.append(run_model("smollm2 (SmolLM2-135M matrices, Q4_1 GGUF -> fp32)", tens, p, nnc, model, quality,
-                                 w, wr, families=fams))
+                                 w, wr, ms=ms))
     meta = {"command": command_line(), "seconds": time.time() - t_start, "quick": a.quick, "params": p,
             "nncodec_error": nnc_err if not a.skip_nncodec else "skipped (--skip-nncodec)"}
     a.out.mkdir(parents=True, exist_ok=True)
