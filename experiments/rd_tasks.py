@@ -43,8 +43,8 @@ from ggprior.tasks.data import TaskData, batches  # noqa: E402
 from pretrained_study import MAX_LEN, TASKS, task_data  # noqa: E402
 from rate_distortion import (  # noqa: E402
     STYLE,
-    _interp_bits_at,
     command_line,
+    frontier,
     matrices,
     methods,
     nncodec_available,
@@ -53,7 +53,7 @@ from rate_distortion import (  # noqa: E402
 
 TOL = 0.005  # within 0.5 point of the fp32 model's test accuracy
 FIXED = ("gguf", "nf4", "int8")  # the fixed-length peers of the goal (FP8 is reported, not a goal peer)
-OURS = ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-rel")
+OURS = ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-alloc-trellis", "ggprior-rel")
 # Lean grids: every point costs a full test-set pass of the decoded classifier (about 10-15 s of CPU here),
 # so each family gets its points where the 0.5-point frontier lies (a sentiment pilot: alloc collapses at 2 bits,
 # holds from 2.5; NNCodec qp -26 holds, -20 does not); GGUF Q8_0 / Q5_1 and FP8 (6 to 8.5 bits) are left out.
@@ -69,8 +69,6 @@ def method_list(p: dict, nnc: bool) -> list[tuple[str, str, object]]:
     out = []
     for fam, tag, arg in methods(p, nnc, qps=p["qps"]):
         if (fam.startswith("fp8") and fam not in p["fp8"]) or (fam == "gguf" and arg not in p["gguf"]):
-            continue
-        if fam == "ggprior-alloc-rows" and arg not in p["row_targets"]:
             continue
         out.append((fam, tag, arg))
     return out
@@ -132,23 +130,6 @@ def run_one(task: str, seed: int, p: dict, nnc: bool, a: argparse.Namespace) -> 
 
 
 # ---------------------------------------------------------------- the goal measure
-
-
-def frontier(points: list[dict], thr: float) -> dict:
-    """Fewest bits with accuracy >= thr: lowest measured qualifying point, and interpolated on the qualifying tail."""
-    pts = sorted(points, key=lambda q: q["bits"])
-    ok = [q["quality"] >= thr - 1e-9 for q in pts]
-    qual = [q for q, o in zip(pts, ok, strict=True) if o]
-    low = min(qual, key=lambda q: q["bits"]) if qual else None
-    out = {"measured": low["bits"] if low else math.inf, "measured_setting": low["setting"] if low else None,
-           "interp": math.inf, "censored": False}
-    if pts and ok[-1]:
-        i = len(pts) - 1
-        while i > 0 and ok[i - 1]:
-            i -= 1
-        out["interp"] = _interp_bits_at(pts[max(i - 1, 0):], "quality", thr - 1e-9, True)
-        out["censored"] = i == 0  # the family's lowest measured point qualifies: its true frontier may lie lower
-    return out
 
 
 def goal_measure(res: dict) -> dict:
