@@ -57,9 +57,11 @@ OURS = ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-alloc-trellis", "ggprior
 # Lean grids: every point costs a full test-set pass of the decoded classifier (about 10-15 s of CPU here),
 # so each family gets its points where the 0.5-point frontier lies (a sentiment pilot: alloc collapses at 2 bits,
 # holds from 2.5; NNCodec qp -26 holds, -20 does not); GGUF Q8_0 / Q5_1 and FP8 (6 to 8.5 bits) are left out.
-FULL = {"rels": (0.12,), "targets": (2.5, 3.0, 3.5, 4.0), "row_targets": (3.0,), "qps": (-32, -26, -20),
+FULL = {"rels": (0.12,), "targets": (2.0, 2.5, 3.0, 3.5, 4.0), "row_targets": (3.0,), "trellis_targets": (2.0, 2.5, 3.0),
+        "qps": (-32, -26, -23, -20),
         "gguf": ("Q5_0", "Q4_1", "Q4_0"), "calib": 4, "calib_batch": 32, "minilm_max": None, "fp8": ()}
-QUICK = {"rels": (0.16,), "targets": (3.0, 5.0), "row_targets": (3.0,), "qps": (-26,), "gguf": ("Q4_0",),
+QUICK = {"rels": (0.16,), "targets": (3.0, 5.0), "row_targets": (3.0,), "trellis_targets": (3.0,), "qps": (-26,),
+         "gguf": ("Q4_0",),
          "calib": 1, "calib_batch": 8, "minilm_max": 4, "fp8": ()}
 QUICK_TEST = 32
 
@@ -97,8 +99,8 @@ def by_length(d: TaskData) -> TaskData:
     return dataclasses.replace(d, tensors={k: v[order] for k, v in d.tensors.items()})
 
 
-def run_one(task: str, seed: int, p: dict, nnc: bool, a: argparse.Namespace) -> dict:
-    """Every method on one fine-tuned classifier: bits/weight and decoded test accuracy."""
+def run_one(task: str, seed: int, p: dict, nnc: bool, a: argparse.Namespace, families: list[str] | None = None) -> dict:
+    """Every method (or those of ``families``) on one fine-tuned classifier: bits/weight and decoded test accuracy."""
     data = task_data(task, a.quick)
     model, source = load_classifier(task, seed, a.models_dir, a.quick)
     tens = matrices(model, p["minilm_max"])
@@ -119,7 +121,8 @@ def run_one(task: str, seed: int, p: dict, nnc: bool, a: argparse.Namespace) -> 
         preds.append(torch.cat([m(**b).logits.argmax(-1) for b in batches(test, 128)]))
         return float((preds[-1] == test.tensors["labels"]).double().mean())
 
-    res = run_model(f"{task} s{seed}", tens, p, nnc, model, quality, w, wr, ms=method_list(p, nnc))
+    ms = [m for m in method_list(p, nnc) if not families or m[0] in families or f"{m[0]}:{m[1]}" in families]
+    res = run_model(f"{task} s{seed}", tens, p, nnc, model, quality, w, wr, ms=ms)
     for q, pr in zip(res["points"], preds[1:], strict=True):
         q["agreement"] = float((pr == preds[0]).double().mean())
     res.pop("per_tensor")  # per-tensor SQNRs are in rate_distortion.json; kept small here
@@ -226,7 +229,10 @@ def _r(v: float) -> str:
 def report(results: list[dict], summary: dict, meta: dict) -> str:
     L = ["# Decoded classifiers: test accuracy vs bits/weight, every peer and ggprior (issue 14)", "",
          f"Command: `{meta['command']}`; seeds {', '.join(map(str, meta['seeds']))}; {meta['wall_s']:.0f} s wall, "
-         f"{meta['cpu_s']:.0f} s CPU (process, 2 shared CPU cores, niced training running alongside).", "",
+         f"{meta['cpu_s']:.0f} s CPU (process, 2 shared CPU cores).", "",
+         *[f"Families `{r['families']}` measured later by `{r['command']}` and merged in (their old points "
+           "replaced; the other families' points are deterministic functions of the same models)."
+           for r in meta.get("runs", [])[1:]], *([""] if meta.get("runs") else []),
          "Models: the plain fine-tunes of all-MiniLM-L6-v2 by `experiments/pretrained_study.py` (2048 training "
          "examples, 64 steps, lr 2e-4; max_len " + ", ".join(f"{t} {MAX_LEN[t]}" for t in summary) + "), read from "
          f"`{meta['models_dir']}`. Quality: accuracy of the decoded classifier on the full test split "
@@ -241,16 +247,21 @@ def report(results: list[dict], summary: dict, meta: dict) -> str:
          "ggprior `alloc` / `alloc-rows`: `codec.allocate` at the target bits/weight with sensitivity weights = mean "
          f"squared gradient of the task loss on {meta['params']['calib']} shuffled TRAIN batches of "
          f"{meta['params']['calib_batch']} (never test). `rel`: one step per tensor from a relative RMS error. "
-         "Peers: GGUF (`gguf.quants`), int8 per output channel, NNCodec (DeepCABAC, `nncodec.tensor`)."
+         "`alloc-trellis`: the same allocation written with the 8-state trellis through `save_compressed(trellis=True)`"
+         " and read back (bits: the file's bytes per tensor). "
+         "Peers: GGUF (`gguf.quants`), NF4 (torchao `to_nf4`, block 64, double-quantized scalers), int8 per output "
+         "channel, NNCodec (DeepCABAC, `nncodec.tensor`)."
          + (" NF4: **not measured**, torchao does not import here." if not meta["nf4"] else ""), ""]
     if meta.get("nncodec_error"):
         L += [f"NNCodec: **not measured**: {meta['nncodec_error']}", ""]
     g = meta["params"]
     L += ["Grid (lean: every point is a full test-set pass of the decoded classifier, about 10-15 s of CPU, on "
           f"six models): GGUF {' / '.join(g['gguf'])}, int8, NNCodec qp {' / '.join(map(str, g['qps']))}, "
-          f"ggprior alloc at {' / '.join(map(str, g['targets']))} bits/weight, alloc-rows at "
+          f"ggprior alloc at {' / '.join(map(str, g['targets']))} bits/weight, alloc-trellis at "
+          f"{' / '.join(map(str, g.get('trellis_targets', ())))}, alloc-rows at "
           f"{' / '.join(map(str, g['row_targets']))}, rel at {' / '.join(map(str, g['rels']))}, chosen from a "
-          "sentiment pilot (alloc collapses at 2 bits and holds from 2.5; NNCodec qp -26 holds, -20 does not). "
+          "sentiment pilot (alloc collapses at 2 bits and holds from 2.5; NNCodec qp -26 holds, -20 does not), "
+          "with the low points (alloc and alloc-trellis at 2 bits, NNCodec qp -23) added where spam's frontier lies. "
           "Left out to fit the CPU budget: GGUF Q8_0 / Q5_1, FP8 and NNCodec qp -44 / -38 (6 to 8.5 bits/weight, "
           "far above every frontier here; on the pretrained MiniLM they are in README.md of this folder).", "",
           "![accuracy vs bits](tasks.png)", "",
@@ -308,9 +319,7 @@ def report(results: list[dict], summary: dict, meta: dict) -> str:
           "one or two examples of the fp32 accuracy, and decoded models can score above fp32 by chance.",
           "* *same prediction as fp32*: the share of test examples whose decoded prediction equals the fp32 "
           "model's, a less noisy view of how much the coding moved the classifier than accuracy.",
-          "* alloc-rows and rel have one point each (their frontier is that point or `never`, marked `<=`), and "
-          "NNCodec's *interp* value crosses the 1.2-bit gap between qp -20 and -26, where alloc's points are 0.5 bit "
-          "apart: a denser NNCodec grid (qp -23) would make the interpolated comparison fairer either way.",
+          "* alloc-rows and rel have one point each (their frontier is that point or `never`, marked `<=`).",
           "* Two seeds per task; the means hide per-seed differences, listed beside them.",
           "* GGUF Q4_0 (4.5 bits/weight) is the lowest GGUF format in the peer list (the K-quants Q3_K / Q2_K are "
           "not among the issue's peers), so a `<=` on GGUF's row means the listed formats go no lower.",
@@ -362,6 +371,9 @@ def main() -> None:
                     help="default docs/results/rate_distortion (--quick: /tmp/rd_tasks_quick)")
     ap.add_argument("--skip-nncodec", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the (task, seed) results already in tasks.json")
+    ap.add_argument("--families", help="measure only these comma-separated families (or single points, "
+                    "family:setting) and merge them into tasks.json (points of the same setting replaced, the run "
+                    "recorded in meta.runs)")
     ap.add_argument("--report-only", action="store_true", help="rewrite tasks.md / tasks.png from tasks.json")
     a = ap.parse_args()
     a.tasks = a.tasks or ("spam" if a.quick else ",".join(TASKS))
@@ -375,24 +387,44 @@ def main() -> None:
     nnc_err = "skipped (--skip-nncodec)" if a.skip_nncodec else nncodec_available()
     nnc = nnc_err is None
     seeds = [int(s) for s in a.seeds.split(",")]
-    done = {}
-    if a.resume and (a.out / "tasks.json").exists():
-        done = {(r["task"], r["seed"]): r for r in json.loads((a.out / "tasks.json").read_text())["results"]}
-    results = []
+    fams = a.families.split(",") if a.families else None
+    known = {x for f, t, _ in method_list(p, True) for x in (f, f"{f}:{t}")}
+    if fams and not set(fams) <= known:
+        ap.error(f"unknown families {sorted(set(fams) - known)}; known: {sorted(known)}")
+    old = json.loads((a.out / "tasks.json").read_text()) if (a.resume or fams) and (a.out / "tasks.json").exists() else None
+    if fams and old is None:
+        ap.error(f"--families merges into {a.out / 'tasks.json'}, which does not exist")
+    done = {(r["task"], r["seed"]): r for r in old["results"]} if old else {}
+    missing = [f"{t} s{sd}" for sd in seeds for t in a.tasks.split(",") if fams and (t, sd) not in done]
+    if missing:
+        ap.error(f"--families merges into existing results; tasks.json has none for {', '.join(missing)}")
+    runs = (old["meta"].get("runs") or [{"command": old["meta"]["command"], "families": "all"}]) if fams else []
+    by_key = dict(done) if fams else {}  # merging: every old result stays, in its order
     for seed in seeds:  # seed-major: a run cut short still has every task
         for task in a.tasks.split(","):
-            if (task, seed) in done:
-                results.append(done[(task, seed)])
+            if (task, seed) in done and not fams:
+                by_key[(task, seed)] = done[(task, seed)]
             else:
                 t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_SELF)
-                r = run_one(task, seed, p, nnc, a)
+                r = run_one(task, seed, p, nnc, a, fams)
                 c1 = resource.getrusage(resource.RUSAGE_SELF)
-                r.update(command=command_line("experiments/rd_tasks.py"), wall_s=time.time() - t0, cpu_s=c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
-                results.append(r)
-            meta = {"command": command_line("experiments/rd_tasks.py"), "seeds": seeds,
-                    "models_dir": str(a.models_dir), "quick": a.quick, "params": p, "nncodec_error": nnc_err,
-                    "wall_s": sum(r["wall_s"] for r in results), "cpu_s": sum(r["cpu_s"] for r in results),
-                    "nf4": any(q["method"] == "nf4" for q in results[0]["points"])}
+                r.update(command=command_line("experiments/rd_tasks.py"), wall_s=time.time() - t0,
+                         cpu_s=c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
+                if fams:  # the old result with these points replaced
+                    prev = done[(task, seed)]
+                    new = {(q["method"], q["setting"]) for q in r["points"]}
+                    prev["points"] = [q for q in prev["points"] if (q["method"], q["setting"]) not in new] + r["points"]
+                    prev["wall_s"], prev["cpu_s"] = prev["wall_s"] + r["wall_s"], prev["cpu_s"] + r["cpu_s"]
+                    r = prev
+                by_key[(task, seed)] = r
+            results = list(by_key.values())
+            meta = {"command": old["meta"]["command"] if fams else command_line("experiments/rd_tasks.py"),
+                    "seeds": seeds, "models_dir": str(a.models_dir), "quick": a.quick, "params": p,
+                    "nncodec_error": nnc_err, "wall_s": sum(r["wall_s"] for r in results),
+                    "cpu_s": sum(r["cpu_s"] for r in results),
+                    "nf4": any(q["method"] == "nf4" for q in results[0]["points"]),
+                    "runs": runs + ([{"command": command_line("experiments/rd_tasks.py"), "families": a.families}]
+                                    if fams else [])}
             summary = write(results, meta, a.out)  # after every model: a partial report survives an interruption
     print(json.dumps(summary, indent=1, default=float))
 
