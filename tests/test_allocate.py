@@ -12,6 +12,7 @@ from torch import nn
 import ggprior
 import ggprior.gg
 from ggprior.codec import allocate as A
+from ggprior.codec import gg_rd
 
 # (gamma, beta, sensitivity weight): tensors that differ in shape, scale and importance
 SPECS = [(0.5, 0.002, 1.0), (1.0, 0.02, 4.0), (1.5, 0.05, 0.25), (2.0, 0.03, 1.0), (0.8, 0.01, 10.0)]
@@ -74,6 +75,23 @@ def test_dead_zone_table_matches_monte_carlo():
         ent = float(-(c / c.sum() * torch.log2(c / c.sum())).sum())
         assert mse == pytest.approx(D[0], rel=0.02)
         assert ent == pytest.approx(H[0], rel=0.01)
+
+
+@pytest.mark.parametrize("gamma", [0.3, 1.0, 2.5])
+def test_dead_zone_table_at_fine_steps(gamma, monkeypatch):
+    """Beyond the exact bins the table uses the high-rate form; with a dead zone the reconstruction sits off the
+    bin's centre, so the tail's distortion is s^2 (1/12 + (t - 1/2)^2), not s^2 / 12: the table agrees with one
+    computed from 40x more exact bins, and at fine steps with the high-rate law."""
+    ls = np.array([-12.0, -9.0, -6.0])
+    for t in (0.5, 0.6, 0.75):
+        H, D = A.rd_table(gamma, ls, threshold=t)
+        with monkeypatch.context() as m:
+            m.setattr(gg_rd, "MAX_BINS", 40 * gg_rd.MAX_BINS)
+            H_ref, D_ref = A.rd_table(gamma, ls, threshold=t)
+        np.testing.assert_allclose(H, H_ref, atol=1e-5)
+        np.testing.assert_allclose(D, D_ref, rtol=2e-3)
+        s = 2.0 ** ls[0]
+        assert D[0] == pytest.approx(s * s * (1 / 12 + (t - 0.5) ** 2), rel=5e-3)
 
 
 @pytest.mark.parametrize("target", [2.0, 4.5])

@@ -18,7 +18,7 @@ from scipy import special
 
 GRID_LOG2 = np.arange(-16.0, 8.0 + 1e-9, 1.0 / 32)  # steps / beta, log2, 32 per octave
 TABLE_LOG2 = np.arange(-16.0, 8.0 + 1e-9, 1.0 / 8)  # where rd_table is evaluated (interpolated between)
-MAX_BINS = 4000
+MAX_BINS = 512  # beyond, the high-rate form: within 1e-6 bit and 0.04% of D of 20000 exact bins (gamma 0.2-5)
 LN2 = math.log(2.0)
 
 
@@ -42,7 +42,7 @@ def rd_table(gamma: float, log2_steps: np.ndarray = TABLE_LOG2, threshold: float
     (``threshold = 0.5``: rounding; larger: a dead zone). Bins out to ``MAX_BINS`` steps are exact
     (partial moments ``int x^k f`` from upper incomplete gamma functions, no cancellation in
     the tails); beyond that the tail is counted in its high-rate form (mass ``P``, distortion
-    ``P s^2 / 12``, entropy ``-int f log2 f - P log2 s``).
+    ``P s^2 (1/12 + (threshold - 1/2)^2)``, entropy ``-int f log2 f - P log2 s``).
     """
     g = float(gamma)
     a0 = 1.0 / g
@@ -72,7 +72,7 @@ def rd_table(gamma: float, log2_steps: np.ndarray = TABLE_LOG2, threshold: float
             # -int_{|x|>X} f ln f = -ln(c) P + (1/g) Q(1/g + 1, X^g)
             ent_nats = -logc * ptail + (1.0 / g) * float(_upper(a0 + 1.0, X**g))
             h += ent_nats / LN2 - ptail * ls
-            dist += ptail * s * s / 12.0
+            dist += ptail * s * s * (1.0 / 12.0 + (threshold - 0.5) ** 2)  # reconstruction off the bin's centre
         H[idx] = max(h, 0.0)
         D[idx] = dist
     return H, D
