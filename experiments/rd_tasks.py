@@ -166,8 +166,9 @@ def summarize(results: list[dict]) -> dict:
         rs = [r for r in results if r["task"] == task]
         t = {"seeds": [r["seed"] for r in rs], "fp32": [r["reference_quality"] for r in rs]}
         for basis in ("measured", "interp"):
-            keys = [k for k, v in rs[0]["goal"]["ratios"][basis].items() if isinstance(v, float)]
-            mean = {k: sum(r["goal"]["ratios"][basis][k] for r in rs) / len(rs) for k in keys}
+            keys = dict.fromkeys(k for r in rs for k, v in r["goal"]["ratios"][basis].items() if isinstance(v, float))
+            # a family one seed lacks (a merge under way) has no mean yet
+            mean = {k: sum(r["goal"]["ratios"][basis].get(k, math.nan) for r in rs) / len(rs) for k in keys}
             t[basis] = {"mean": mean, "goal_0.75x_fixed": mean["best_vs_fixed"] <= 0.75,
                         "goal_below_nncodec": mean["best_vs_nncodec"] < 1 if mean["best_vs_nncodec"] == mean[
                             "best_vs_nncodec"] else None,
