@@ -279,10 +279,11 @@ def report(results: list[dict], summary: dict, meta: dict) -> str:
             f"seed {r['seed']} {100 * r['reference_quality']:.2f}%" for r in rs) + ".", "",
             "| family | " + " | ".join(f"s{r['seed']} measured (setting) | s{r['seed']} interp" for r in rs) + " |",
             "|---|" + "---|---|" * len(rs)]
-        for f in dict.fromkeys(q["method"] for q in rs[0]["points"]):
+        for f in dict.fromkeys(q["method"] for r in rs for q in r["points"]):
             cells = []
             for r in rs:
-                fr = r["goal"]["frontier"][f]
+                fr = r["goal"]["frontier"].get(f, {"measured": math.nan, "measured_setting": None, "interp": math.nan,
+                                                   "censored": False})
                 cells += [f"{_b(fr['measured'])} ({fr['measured_setting'] or '-'})", _b(fr["interp"], fr["censored"])]
             L.append(f"| {f} | " + " | ".join(cells) + " |")
         L += ["", "| basis | ratio | " + " | ".join(f"seed {r['seed']}" for r in rs) + " | mean |",
@@ -297,12 +298,12 @@ def report(results: list[dict], summary: dict, meta: dict) -> str:
             for f in (*OURS, "best"):
                 name = "best ggprior" if f == "best" else f
                 L.append(f"| {basis} | {name} bits | " + " | ".join(
-                    _b(x[f"{f}_bits"]) + (f" ({x['best_ggprior']})" if f == "best" else "") for x in g)
-                    + f" | {_b(s[basis]['mean'][f'{f}_bits'])} |")
+                    _b(x.get(f"{f}_bits", math.nan)) + (f" ({x['best_ggprior']})" if f == "best" else "") for x in g)
+                    + f" | {_b(s[basis]['mean'].get(f'{f}_bits', math.nan))} |")
                 for peer in ("fixed", "nncodec"):
                     L.append(f"| {basis} | {name} / {'best fixed' if peer == 'fixed' else 'NNCodec'} | "
-                             + " | ".join(_r(x[f"{f}_vs_{peer}"]) for x in g)
-                             + f" | {_r(s[basis]['mean'][f'{f}_vs_{peer}'])} |")
+                             + " | ".join(_r(x.get(f"{f}_vs_{peer}", math.nan)) for x in g)
+                             + f" | {_r(s[basis]['mean'].get(f'{f}_vs_{peer}', math.nan))} |")
         L += [""]
     L += ["## Goals, as measured", ""] + goal_lines(summary) + [""]
     L += ["## Every point", ""]
