@@ -157,6 +157,17 @@ def test_truncated_or_foreign_escape_payloads_are_refused():
             T.decode(bad, _X.size, "w")
 
 
+def test_a_count_beyond_int64_is_a_coding_error():
+    """A u64 field >= 2^63 (class count, escape count) is refused with CodingError, in both layouts (the reader
+    before escape coding raised OverflowError on a class count)."""
+    legacy = bytearray(bytes.fromhex(json.loads(GOLDEN.read_text())["payloads"][0]["payload"]))
+    legacy[P.HEAD.size + 7] = 0xFF  # top byte of class 0's count
+    with pytest.raises(CodingError, match="^w: .*claims"):
+        T.decode(bytes(legacy), 2000, "w")
+    with pytest.raises(CodingError, match="^w: .*escapes"):
+        T.decode(_with_esc(esc0=2**63), _X.size, "w")
+
+
 # ----------------------------------------------------------------------------- in a .ggz file
 
 
