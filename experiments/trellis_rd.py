@@ -184,8 +184,10 @@ def report(res: dict) -> str:
          f"Command: `{m['command']}` ({m['seconds']:.0f} s on 2 shared CPU cores; synthetic seed 0).", "",
          "Scalar: one step per tensor, rANS under the fitted GG + the step (`allocate.real_bits`, what "
          "`ggprior compress` writes). Trellis: `codec.trellis` (VVC-style dependent quantization, Viterbi on "
-         f"D + lambda R, lambda = lam_c step^2, lam_c = {T.LAMBDA_C}), rANS with one table per state; bits are the "
-         "payload's real bytes (tables, counts, step included). Equal MSE: scalar bits interpolated at the trellis "
+         f"D + lambda R, lambda = lam_c step^2, lam_c = {T.LAMBDA_C}), rANS with one table per state class, "
+         "the index tails escape-coded (indices beyond a bound E: one escape symbol in the table, their values in an "
+         "Exp-Golomb side stream; E and prob_bits chosen per payload, `codec.trellis_payload`); bits are the "
+         "payload's real bytes (tables, counts, step, escape stream included). Equal MSE: scalar bits interpolated at the trellis "
          "point's MSE. Bound: Shannon lower bound of the fitted GG at that MSE.", "",
          "![trellis](trellis.png)", "", "## lam_c sweep (synthetic tensors, mean over gammas and rates "
          f"{', '.join(str(b) for b in m['params']['tune_rates'])})", "",

@@ -90,14 +90,30 @@ def test_a_payload_for_other_sizes_is_refused():
 
 
 _PAYLOAD = T.encode(T.quantize(_gg(3000, 1.5, seed=3), 0.003, n_states=8))
+_X_ESC = _gg(3000, 0.5, seed=4)
+_X_ESC[::300] *= 1000
+_PAYLOAD_ESC = T.encode(T.quantize(_X_ESC, 0.003, n_states=8))  # escape layout: its escape block and stream
+# the escape block's fields (E u32, order u8, escapes u64 x 2, stream bytes u64): (offset, size)
+_ESC_FIELDS = [(9, 4), (13, 1), (14, 8), (22, 8), (30, 8)]
+
+
+def test_the_fuzzed_payloads_cover_both_layouts():
+    assert not _PAYLOAD[0] & 0x80 and _PAYLOAD_ESC[0] & 0x80
 
 
 @given(st.data())
 def test_damaged_payloads_raise_or_decode_within_bounds(data):
-    """Truncated or mutated payloads raise CodingError (never crash, hang or over-allocate) or decode to n indices."""
-    b = bytearray(_PAYLOAD)
-    kind = data.draw(st.sampled_from(["truncate", "flip", "bytes"]))
-    if kind == "truncate":
+    """Truncated or mutated payloads (both layouts) raise CodingError (never crash, hang or over-allocate) or decode
+    to n indices; ``field``: one field of the escape block set to a random value (small, near the true one or huge)."""
+    b = bytearray(data.draw(st.sampled_from([_PAYLOAD, _PAYLOAD_ESC])))
+    kind = data.draw(st.sampled_from(["truncate", "flip", "bytes", "field"]))
+    if kind == "field":
+        b = bytearray(_PAYLOAD_ESC)
+        at, size = data.draw(st.sampled_from(_ESC_FIELDS))
+        old = int.from_bytes(b[at:at + size], "little")
+        new = data.draw(st.integers(0, 8) | st.integers(max(0, old - 3), old + 3) | st.integers(0, 256**size - 1))
+        b[at:at + size] = (new % 256**size).to_bytes(size, "little")
+    elif kind == "truncate":
         b = b[: data.draw(st.integers(0, len(b) - 1))]
     elif kind == "flip":
         for _ in range(data.draw(st.integers(1, 4))):
@@ -145,12 +161,13 @@ def test_file_round_trip_matches_the_encoder(tmp_path):
 
 
 def test_small_tensors_fall_back_to_the_scalar_quantizer(tmp_path):
-    """Each tensor takes the smaller stream: a 4096-value tensor's two trellis tables cost more than the trellis
-    saves (the scalar stream at the rule's step is stored), a 256k-value GG tensor is coded by the trellis."""
+    """Each tensor takes the smaller stream: a 2304-value tensor's two trellis tables cost more than the trellis
+    saves (the scalar stream at the rule's step is stored; a 4096-value one takes the trellis since its tables
+    shrank with the prob_bits choice, 1 % under the scalar stream), a 256k-value GG tensor is coded by the trellis."""
     from ggprior.codec import load_compressed, save_compressed, stored_bytes
 
     g = torch.Generator().manual_seed(3)
-    sd = {"small": ggprior.gg.sample((64, 64), beta=0.02, gamma=1.0, generator=g),
+    sd = {"small": ggprior.gg.sample((48, 48), beta=0.02, gamma=1.0, generator=g),
           "big": ggprior.gg.sample((512, 512), beta=0.02, gamma=1.0, generator=g)}
     h = {e["name"]: e for e in save_compressed(sd, tmp_path / "t.ggz", trellis=True, bits=8)["tensors"]}
     s = {e["name"]: e for e in save_compressed(sd, tmp_path / "s.ggz", bits=8)["tensors"]}

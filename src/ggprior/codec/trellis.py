@@ -25,16 +25,26 @@ searches in all). High-rate relation: ``D(R)`` falls by 6.02 dB per bit, so
 ``lam_c`` near 0.4 (``LAMBDA_C``, tuned on synthetic GG data). The search keeps only the
 best survivor at every ``CHUNK`` values (truncated Viterbi: memory ``O(CHUNK * states)``).
 
-Payload (:func:`encode` / :func:`decode`, little-endian): ``u8 states, f32 step, u32 K, u8 prob_bits``,
-then per class (Q0, Q1) ``u64 count``, and for a class with ``count > 0``: ``u32 table bytes, u64 stream
-bytes``, the packed table (:func:`.rans_tables.pack_freqs`, alphabet ``k + K`` in ``[0, 2K]``) and its
-rANS stream. The decoder checks every field before it allocates anything.
+Payload (:func:`encode` / :func:`decode`, little-endian; bytes in :mod:`.trellis_payload`): ``u8 states,
+f32 step, u32 K, u8 prob_bits``, then per class (Q0, Q1) ``u64 count``, and for a class with ``count > 0``:
+``u32 table bytes, u64 stream bytes``, the packed table (:func:`.rans_tables.pack_freqs`) and its rANS
+stream. Two layouts, told apart by bit 7 of ``states``:
+
+* clear (the original layout, still written when escaping does not pay): the tables' alphabet is ``k + K``
+  in ``[0, 2K]``;
+* set (escape coding): after the head ``u32 E`` (1 to K), ``u8 order`` (0 to 24), ``u64 escapes`` of class
+  0 and of class 1 (each at most its class's count), ``u64 escape bytes`` and the escape stream; the
+  tables' alphabet is ``k + E`` for ``|k| <= E`` and the escape symbol ``2E + 1``; the escape stream holds,
+  for each escape symbol in order (class 0's, then class 1's), the Exp-Golomb code of order ``order`` of
+  ``2 (|k| - E - 1) + (k < 0)`` (``|k|`` at most ``K``).
+
+The writer chooses ``E`` and ``prob_bits`` (16, 14, 13 or 12) for the smallest payload. The decoder checks
+every field before it allocates anything.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -43,6 +53,7 @@ import torch
 from numba import njit
 
 from . import rans
+from . import trellis_payload as payload
 from .bits import CodingError
 from .quantizer import MIN_STEP, QuantError, check_step
 
@@ -52,14 +63,11 @@ TRELLISES: dict[int, tuple[np.ndarray, np.ndarray]] = {
     8: (np.array([[0, 4], [4, 0], [1, 5], [5, 1], [6, 2], [2, 6], [7, 3], [3, 7]], dtype=np.int64),
         np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64)),
 }
-CLASSES = 2
+CLASSES = payload.CLASSES
 LAMBDA_C = 0.4
 CHUNK = 1 << 16
 K_MAX = (rans.NSYM_MAX - 1) // 2
 """Largest |index| (the coder's alphabet ``2K + 1`` stays within ``rans.NSYM_MAX``)."""
-_HEAD = struct.Struct("<BfIB")
-_COUNT = struct.Struct("<Q")
-_SIZES = struct.Struct("<IQ")
 
 
 @dataclass
@@ -163,7 +171,7 @@ def _levels(k, nxt, qs):
 
 @njit(cache=True, nogil=True)
 def _walk(syms, offsets, counts, kk, nxt, qs, out):
-    """Indices from the per-class symbol arrays (``syms[offsets[c]:...]``), in the order the machine visits them.
+    """Indices ``syms - kk`` from the per-class arrays (``syms[offsets[c]:...]``), in the order the machine visits them.
 
     Status 0 ok, 1 a class's symbols ran out, 2 some were left over.
     """
@@ -242,22 +250,16 @@ def ideal_bits(dq: DQ) -> float:
 # ----------------------------------------------------------------------------- payload
 
 
-def encode(dq: DQ, prob_bits: int = rans.PROB_BITS) -> bytes:
-    """The payload of ``dq`` (layout in the module docstring): one rANS table and stream per class."""
+def encode(dq: DQ, prob_bits: int | None = None, *, escape: bool = True) -> bytes:
+    """The payload of ``dq`` (layouts in the module docstring): one rANS table and stream per class.
+
+    The escape bound and ``prob_bits`` give the smallest payload (:mod:`.trellis_payload`); a ``prob_bits`` fixes
+    it, ``escape=False`` keeps the original layout (``escape=False, prob_bits=16``: the bytes written before escape
+    coding)."""
     kk = max(1, int(np.abs(dq.indices).max()) if dq.indices.size else 1)
     if kk > K_MAX:
         raise QuantError(f"trellis: |index| {kk} exceeds {K_MAX}")
-    out = [_HEAD.pack(dq.n_states, dq.step, kk, prob_bits)]
-    sym = dq.indices.astype(np.int64) + kk
-    cls = dq.classes()
-    for c in range(CLASSES):
-        v = sym[cls == c]
-        out.append(_COUNT.pack(v.size))
-        if v.size:
-            f = rans.quantize_freqs(np.bincount(v, minlength=2 * kk + 1), prob_bits)
-            table, stream = rans.pack_freqs(f), rans.encode(v, f)
-            out += [_SIZES.pack(len(table), len(stream)), table, stream]
-    return b"".join(out)
+    return payload.write(dq.indices.astype(np.int64), dq.classes(), dq.n_states, dq.step, kk, prob_bits, escape)
 
 
 def decode(data: bytes | memoryview, n: int, name: str = "tensor") -> DQ:
@@ -271,48 +273,12 @@ def decode(data: bytes | memoryview, n: int, name: str = "tensor") -> DQ:
 
 
 def _decode(data: bytes | memoryview, n: int, name: str) -> DQ:
-    mv = memoryview(data)
-    if len(mv) < _HEAD.size:
-        raise CodingError(f"{name}: trellis payload truncated ({len(mv)} bytes)")
-    n_states, step, kk, pb = _HEAD.unpack_from(mv, 0)
-    if n_states not in TRELLISES:
-        raise CodingError(f"{name}: trellis states {n_states} not one of {sorted(TRELLISES)}")
-    if not (math.isfinite(step) and step > 0.0):
-        raise CodingError(f"{name}: trellis step {step!r} is not a finite number > 0")
-    if not 1 <= kk <= K_MAX or not rans.MIN_PROB_BITS <= pb <= rans.MAX_PROB_BITS:
-        raise CodingError(f"{name}: trellis index range {kk} or prob_bits {pb} out of bounds")
-    pos, counts, streams = _HEAD.size, np.zeros(CLASSES, dtype=np.int64), []
-    for st in range(CLASSES):
-        if pos + _COUNT.size > len(mv):
-            raise CodingError(f"{name}: trellis payload truncated in class {st}")
-        (counts[st],) = _COUNT.unpack_from(mv, pos)
-        pos += _COUNT.size
-        if counts[st] > n:
-            raise CodingError(f"{name}: trellis class {st} claims {counts[st]} of {n} values")
-        if counts[st]:
-            if pos + _SIZES.size > len(mv):
-                raise CodingError(f"{name}: trellis payload truncated in class {st}")
-            lt, ls = _SIZES.unpack_from(mv, pos)
-            pos += _SIZES.size
-            if pos + lt + ls > len(mv):
-                raise CodingError(f"{name}: trellis payload truncated in class {st}")
-            f, used = rans.unpack_freqs(mv[pos:pos + lt], 2 * kk + 1, pb)
-            if used != lt:
-                raise CodingError(f"{name}: trellis table of class {st} is {used} bytes, header says {lt}")
-            streams.append((mv[pos + lt:pos + lt + ls], f, int(counts[st])))
-            pos += lt + ls
-    if pos != len(mv):
-        raise CodingError(f"{name}: {len(mv) - pos} bytes left over after the trellis payload")
-    if int(counts.sum()) != n:
-        raise CodingError(f"{name}: trellis classes hold {int(counts.sum())} values, expected {n}")
-    syms = [rans.decode(b, f, c) for b, f, c in streams]
+    n_states, step, counts, flat = payload.read(data, n, TRELLISES, name)
     offsets = np.zeros(CLASSES, dtype=np.int64)
     offsets[1:] = np.cumsum(counts)[:-1]
     nxt, qs = TRELLISES[n_states]
     k = np.empty(n, dtype=np.int32)
-    flat = np.concatenate(syms) if syms else np.zeros(0, dtype=np.int32)
-    status = _walk(flat, offsets, counts, kk, nxt, qs, k)
-    if status:
+    if _walk(flat, offsets, counts, 0, nxt, qs, k):
         raise CodingError(f"{name}: trellis indices do not follow the state machine (damaged payload)")
     return DQ(k, _states(k, nxt), float(step), n_states)
 
@@ -344,16 +310,9 @@ def file_step(rule_step: float, name: str = "tensor") -> float:
     return check_step(max(rule_step * STEP_RATIO, MIN_STEP), name)
 
 
-def side_bytes(payload: bytes) -> int:
-    """Bytes of a payload of :func:`encode` that are not rANS streams (head, counts, sizes, tables)."""
-    pos, side = _HEAD.size, _HEAD.size
-    for _ in range(CLASSES):
-        (count,) = _COUNT.unpack_from(payload, pos)
-        pos, side = pos + _COUNT.size, side + _COUNT.size
-        if count:
-            lt, ls = _SIZES.unpack_from(payload, pos)
-            pos, side = pos + _SIZES.size + lt + ls, side + _SIZES.size + lt
-    return side
+def side_bytes(data: bytes) -> int:
+    """Bytes of a payload of :func:`encode` that are not coded indices (head, escape block, counts, sizes, tables)."""
+    return payload.side_bytes(data)
 
 
 def encode_tensor(t: torch.Tensor, step: float, n_states: int, chunk_values: int, pool: Executor,
