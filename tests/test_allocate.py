@@ -94,6 +94,28 @@ def test_dead_zone_table_at_fine_steps(gamma, monkeypatch):
         assert D[0] == pytest.approx(s * s * (1 / 12 + (t - 0.5) ** 2), rel=5e-3)
 
 
+def test_sqnr_floor_keeps_every_tensor_above_it(synthetic):
+    """At a low target the weighted optimum starves the least sensitive tensor (a step near its whole range);
+    with a floor every tensor keeps at least that SQNR, the target is still met, and the weighted error rises."""
+    tens, weights = synthetic
+    w = dict(weights, t2=1e-4)  # one tensor that barely counts
+
+    def run(floor):
+        models = [A.tensor_model(k, t, w[k]) for k, t in tens.items()]
+        al = A.allocate(models, 1.5, tensors=tens, min_sqnr_db=floor)
+        sq = {k: 10 * math.log10(float((t.double() ** 2).sum()) / float(
+            ((A.dequantize(A.quantize(t, al.steps[k]), al.steps[k]) - t).double() ** 2).sum())) for k, t in tens.items()}
+        return al, sq
+
+    free, sq_free = run(0.0)
+    floored, sq_floor = run(6.0)
+    assert sq_free["t2"] < 3.0 and min(sq_floor.values()) > 6.0 - 0.5  # the model's SQNR vs the real quantizer
+    assert _real_bits(tens, floored.steps) == pytest.approx(1.5, rel=0.02)
+    assert _wsse(tens, w, floored.steps) > _wsse(tens, w, free.steps)
+    with pytest.raises(A.AllocationError, match="keep every tensor at 12 dB"):  # 12 dB costs about 2 bits each
+        A.allocate([A.tensor_model(k, t, w[k]) for k, t in tens.items()], 1.5, min_sqnr_db=12.0)
+
+
 @pytest.mark.parametrize("target", [2.0, 4.5])
 def test_meets_target_and_beats_uniform_steps(synthetic, target):
     tens, weights = synthetic

@@ -126,13 +126,17 @@ class Pick:
     side: float  # side information bits
 
 
-def _choose(tm: TensorModel, lam: float, threshold: float, per_row: bool):
-    """Best (cost, rate bits, weighted distortion, step, row offsets or None) of one tensor at ``lam``."""
+def _choose(tm: TensorModel, lam: float, threshold: float, per_row: bool, min_sqnr_db: float = 0.0):
+    """Best (cost, rate bits, weighted distortion, step, row offsets or None) of one tensor at ``lam``; steps whose
+    SQNR would fall below ``min_sqnr_db`` are not taken."""
     H, logD = gg_rd(tm.gamma, threshold)
     s = tm.beta * np.exp2(GRID_LOG2)
     rate = tm.n * H * tm.rate_scale + SIDE_BITS
     dist = tm.weight * tm.n * tm.beta**2 * np.exp(logD)
     cost = dist + lam * rate
+    if min_sqnr_db > 0:  # D / Var X of GG(0, 1, gamma): Var = Gamma(3/g) / Gamma(1/g)
+        var = math.exp(math.lgamma(3 / tm.gamma) - math.lgamma(1 / tm.gamma))
+        cost = np.where(logD - math.log(var) <= -min_sqnr_db * math.log(10) / 10, cost, np.inf)
     i = int(np.argmin(cost))
     best = Pick(float(cost[i]), float(rate[i]), float(dist[i]), float(s[i]), None, tm.n * float(H[i]), SIDE_BITS)
     if per_row and tm.rows:
@@ -158,9 +162,9 @@ def _choose(tm: TensorModel, lam: float, threshold: float, per_row: bool):
     return best
 
 
-def _solve(models: list[TensorModel], budget: float, threshold: float, per_row: bool):
+def _solve(models: list[TensorModel], budget: float, threshold: float, per_row: bool, min_sqnr_db: float = 0.0):
     def total(lam):
-        return sum(_choose(tm, lam, threshold, per_row).bits for tm in models)
+        return sum(_choose(tm, lam, threshold, per_row, min_sqnr_db).bits for tm in models)
 
     lo, hi = -60.0, 60.0  # log2 lam
     for _ in range(80):
@@ -170,7 +174,7 @@ def _solve(models: list[TensorModel], budget: float, threshold: float, per_row: 
         else:
             hi = mid
     lam = 2.0**hi
-    return lam, [_choose(tm, lam, threshold, per_row) for tm in models]
+    return lam, [_choose(tm, lam, threshold, per_row, min_sqnr_db) for tm in models]
 
 
 def check_target(models: Iterable[TensorModel], target_bits: float) -> None:
@@ -255,6 +259,7 @@ def allocate(
     per_row: bool = False,
     tensors: Mapping[str, torch.Tensor] | None = None,
     calibrate: int = 2,
+    min_sqnr_db: float = 0.0,
 ) -> Allocation:
     """Steps minimising the weighted distortion at ``target_bits`` bits/weight (side information included).
 
@@ -264,7 +269,7 @@ def allocate(
     check_target(models, target_bits)
     n = sum(tm.n for tm in models)
     budget = target_bits * n
-    lam, picks = _solve(models, budget, threshold, per_row)
+    lam, picks = _solve(models, budget, threshold, per_row, min_sqnr_db)
     for _ in range(calibrate if tensors is not None else 0):
         for tm, pk in zip(models, picks, strict=True):
             try:
@@ -273,7 +278,11 @@ def allocate(
                 continue
             if pk.model_payload > 0 and real_payload > 0:
                 tm.rate_scale = float(np.clip(real_payload / pk.model_payload, 0.25, 4.0))
-        lam, picks = _solve(models, budget, threshold, per_row)
+        lam, picks = _solve(models, budget, threshold, per_row, min_sqnr_db)
+    least = sum(pk.bits for pk in picks) / n
+    if least > target_bits * 1.001:  # only a floor makes a target unreachable: zero-rate steps are allowed otherwise
+        raise AllocationError(f"target of {target_bits} bits/weight is below the {least:.3f} bits/weight that keep "
+                              f"every tensor at {min_sqnr_db:g} dB SQNR or more; lower min_sqnr_db or raise the target")
     rows, steps = [], {}
     for tm, pk in zip(models, picks, strict=True):
         steps[tm.name] = _steps_of(tm, pk)
