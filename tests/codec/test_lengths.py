@@ -151,3 +151,26 @@ def test_minilm_ans_within_one_percent_of_entropy():
     assert s["bits_ans_hist"] <= 1.01 * s["bits_entropy"]
     assert s["bits_entropy"] <= s["bits_huffman"] <= s["bits_entropy"] + s["weights"]
     assert math.isclose(s["cr_fl"], 1.0)
+
+
+def test_ans_stores_the_histogram_where_the_gg_table_loses(tmp_path):
+    """A BackSlash-style tensor (most weights exactly zero, the rest Laplace) is coded under its histogram; a GG
+    tensor at a fine step (many levels, each seen a few times: a histogram that costs more to store than it saves)
+    under the GG table; the measure predicts the file's bytes either way, and both read back exactly."""
+    g = torch.Generator().manual_seed(3)
+    gg = torch.distributions.Laplace(0.0, 0.02).sample((256, 256))
+    spike = torch.distributions.Laplace(0.0, 0.02).sample((256, 256)) * (torch.rand(256, 256, generator=g) > 0.7)
+    sd = {"gg.weight": gg, "spike.weight": spike}
+    h = save_compressed(sd, tmp_path / "m.ggz", coder="ans", step=0.001)
+    coders = {e["name"]: e["coder"] for e in h["tensors"]}
+    assert coders == {"gg.weight": "ans", "spike.weight": "ans-hist"}
+    rows, _ = measure(sd, step=0.001, coders=["ans", "ans-hist", "gg"])
+    by = {r["name"]: r for r in rows}
+    assert by["spike.weight"]["bits_ans"] == by["spike.weight"]["bits_ans_hist"]  # the histogram's table is chosen
+    assert by["spike.weight"]["bits_gg"] > 1.05 * by["spike.weight"]["bits_ans"]  # the GG misses the spike
+    for e in h["tensors"]:  # the file's table and streams: the measure's bits (its side information aside)
+        stored = 8 * (e["table"]["length"] + sum(c["length"] for c in e["chunks"]))
+        assert stored == pytest.approx(by[e["name"]]["bits_ans"], rel=1e-3)
+    back = load_compressed(tmp_path / "m.ggz")
+    for k, t in sd.items():
+        assert torch.equal(back[k], quant.dequantize(quant.quantize(t, 0.001), 0.001))

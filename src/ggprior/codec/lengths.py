@@ -45,7 +45,7 @@ from ..io.sources import floating_names, open_source
 from . import expgolomb, fixed, ggmodel, huffman, rans
 from . import quantizer as quant
 from .histogram import Histogram
-from .registry import IDEAL, MEASURES, check_coder, column, rans_table
+from .registry import IDEAL, MEASURES, best_rans_table, check_coder, column
 
 STEP_BITS = 32
 RANGE_BITS = 64
@@ -87,9 +87,10 @@ def tensor_bits(h: Histogram, coders: Sequence[str], *, eg_k: int = 0, gg: ggmod
 
 
 def rans_bits(h: Histogram, coder: str, gg: ggmodel.GGParams | None = None) -> float:
-    """Bits of a ``.ggz`` (version 2) rANS tensor: cross-entropy under its stored integer frequency
-    table, plus the table, its range and prob_bits, and the coder's final states (one chunk)."""
-    qmin, f = rans_table(coder, h, gg if gg is not None else ggmodel.fit(h))
+    """Bits of a ``.ggz`` (version 2) rANS tensor: cross-entropy under the integer frequency table the writer stores
+    (:func:`.registry.best_rans_table`), plus the table, its range and prob_bits, and the coder's final states
+    (one chunk)."""
+    _, qmin, f = best_rans_table(coder, h, gg if gg is not None else ggmodel.fit(h))
     p = f[h.symbols - qmin].astype(np.float64) / float(1 << rans.PROB_BITS)
     payload = float(-(h.counts * np.log2(p)).sum())
     return payload + ANS_OVERHEAD_BITS + RANGE_BITS + 8 + 8 * len(rans.pack_freqs(f))

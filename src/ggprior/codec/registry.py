@@ -103,3 +103,18 @@ def rans_table(coder: str, hist: Histogram, gg: GGParams) -> tuple[int, np.ndarr
         return qmin, rans.quantize_freqs(dense)
     p = ggmodel.range_probs(qmin, qmin + nsym - 1, gg)
     return qmin, rans.quantize_freqs(np.where(dense > 0, p, 0.0))
+
+
+def best_rans_table(coder: str, hist: Histogram, gg: GGParams) -> tuple[str, int, np.ndarray]:
+    """(coder, qmin, table) the writer stores for ``coder``: ``ans-hist`` its histogram; ``ans`` the GG table, or the
+    histogram where that makes the table plus the code shorter (a law the GG does not fit: a spike of exact zeros
+    from a sparsifying rate term, a dequantized model's few levels)."""
+    qmin, f = rans_table(coder, hist, gg)
+    if coder != "ans" or hist.n == 0:
+        return coder, qmin, f
+    _, fh = rans_table("ans-hist", hist, gg)
+
+    def cost(t: np.ndarray) -> float:
+        return 8.0 * len(rans.pack_freqs(t)) - float((hist.counts * np.log2(t[hist.symbols - qmin])).sum())
+
+    return ("ans-hist", qmin, fh) if cost(fh) < cost(f) else ("ans", qmin, f)

@@ -43,7 +43,7 @@ def stored_bits(t: torch.Tensor, step: float, *, coder: str = "ans", gg_fit: str
     q = quant.quantize(t, step, name=name).numpy().reshape(-1)
     h = histogram(q)
     gg = ggmodel.fit(h, gg_fit).as_float32()
-    qmin, freqs = registry.rans_table(coder, h, gg)
+    _, qmin, freqs = registry.best_rans_table(coder, h, gg)
     f = freqs[h.symbols - qmin].astype(np.float64)
     payload = float(-(h.counts * (np.log2(f) - rans.PROB_BITS)).sum())
     chunks = math.ceil(q.size / chunk_values)

@@ -142,7 +142,7 @@ def _encode_tensor(t: torch.Tensor, name: str, coder: str, rule: dict, gg_fit: s
     e["gg"] = [gg.mu, gg.beta, gg.gamma]
     freqs, qmin = None, 0
     if coder in TABLE_CODERS:
-        qmin, freqs = registry.rans_table(coder, hist, gg)
+        e["coder"], qmin, freqs = registry.best_rans_table(coder, hist, gg)
         e["table"] = {"qmin": qmin, "nsym": int(freqs.size), "prob_bits": rans.PROB_BITS,
                       **spool.put(rans.pack_freqs(freqs))}
 
