@@ -55,6 +55,7 @@ import ggprior.gg
 from ggprior import formats
 from ggprior.codec import allocate as A
 from ggprior.codec import quantizer as quant
+from ggprior.codec.sensitivity import sensitivity_weights
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -727,15 +728,15 @@ def main() -> None:
     if "minilm" in models:
         model, quality, calib, loss_fn = minilm(p)
         tens = matrices(model, p["minilm_max"])
-        w = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
-        wr = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
+        w = sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
+        wr = sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
         results.append(run_model(MODEL_LABEL["minilm"], tens, p, nnc, model, quality, w, wr, ms=ms))
         del model
     if "smollm2" in models and not a.skip_smollm2 and not a.quick:
         model, quality, calib, loss_fn = smollm2(p)
         tens = matrices(model, None)
-        w = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
-        wr = A.sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
+        w = sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
+        wr = sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
         # alloc-rows is not run here: its per-row allocation takes 2-10 min a point on SmolLM2, and it tied alloc
         results.append(run_model(MODEL_LABEL["smollm2"], tens, p, nnc, model, quality, w, wr,
                                  ms=[m for m in ms if m[0] != "ggprior-alloc-rows"]))

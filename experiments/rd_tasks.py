@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
-from ggprior.codec import allocate as A  # noqa: E402
+from ggprior.codec.sensitivity import sensitivity_weights  # noqa: E402
 from ggprior.tasks import load_minilm  # noqa: E402
 from ggprior.tasks.data import TaskData, batches  # noqa: E402
 from pretrained_study import MAX_LEN, TASKS, task_data  # noqa: E402
@@ -106,8 +106,8 @@ def run_one(task: str, seed: int, p: dict, nnc: bool, a: argparse.Namespace, fam
     tens = matrices(model, p["minilm_max"])
     gen = torch.Generator().manual_seed(1000 + seed)
     calib = list(itertools.islice(batches(data["train"], p["calib_batch"], shuffle=True, generator=gen), p["calib"]))
-    w = A.sensitivity_weights(model, calib, names=tens)
-    wr = A.sensitivity_weights(model, calib, names=tens, per_row=True)
+    w = sensitivity_weights(model, calib, names=tens)
+    wr = sensitivity_weights(model, calib, names=tens, per_row=True)
 
     test = by_length(data["test"])
     if a.quick:  # the shortest examples only: --quick checks the pipeline, not the figures

@@ -13,6 +13,7 @@ import ggprior
 import ggprior.gg
 from ggprior.codec import allocate as A
 from ggprior.codec import gg_rd
+from ggprior.codec.sensitivity import sensitivity_weights
 
 # (gamma, beta, sensitivity weight): tensors that differ in shape, scale and importance
 SPECS = [(0.5, 0.002, 1.0), (1.0, 0.02, 4.0), (1.5, 0.05, 0.25), (2.0, 0.03, 1.0), (0.8, 0.01, 10.0)]
@@ -114,6 +115,11 @@ def test_sqnr_floor_keeps_every_tensor_above_it(synthetic):
     assert _wsse(tens, w, floored.steps) > _wsse(tens, w, free.steps)
     with pytest.raises(A.AllocationError, match="keep every tensor at 12 dB"):  # 12 dB costs about 2 bits each
         A.allocate([A.tensor_model(k, t, w[k]) for k, t in tens.items()], 1.5, min_sqnr_db=12.0)
+    # the default floor is soft: kept where the target allows, lowered (not an error) where it does not
+    dflt = A.allocate([A.tensor_model(k, t, w[k]) for k, t in tens.items()], 1.5, tensors=tens)
+    assert 0.0 < dflt.min_sqnr_db < A.DEFAULT_MIN_SQNR_DB
+    assert _real_bits(tens, dflt.steps) == pytest.approx(1.5, rel=0.02)
+    assert A.allocate([A.tensor_model(k, t, w[k]) for k, t in tens.items()], 4.0).min_sqnr_db == A.DEFAULT_MIN_SQNR_DB
 
 
 @pytest.mark.parametrize("target", [2.0, 4.5])
@@ -191,14 +197,14 @@ def test_sensitivity_weights_grad_and_activations():
     def loss_fn(model, b):
         return nn.functional.cross_entropy(model(b[0]), b[1])
 
-    w = A.sensitivity_weights(m, batches, loss_fn=loss_fn)
+    w = sensitivity_weights(m, batches, loss_fn=loss_fn)
     assert set(w) == {"a.weight", "a.bias", "b.weight", "b.bias"} and all(v > 0 for v in w.values())
-    rows = A.sensitivity_weights(m, batches, loss_fn=loss_fn, per_row=True)
+    rows = sensitivity_weights(m, batches, loss_fn=loss_fn, per_row=True)
     assert rows["a.weight"].shape == (16,)
     np.testing.assert_allclose(rows["a.weight"].mean(), w["a.weight"], rtol=1e-9)
-    act = A.sensitivity_weights(m, xs, kind="act")
+    act = sensitivity_weights(m, xs, kind="act")
     assert act["a.weight"] == pytest.approx(float(torch.cat(xs).pow(2).mean()), rel=1e-6)
     assert set(act) == {"a.weight", "b.weight"}
     assert not m.a._forward_hooks
     with pytest.raises(A.AllocationError):
-        A.sensitivity_weights(m, [], loss_fn=loss_fn)
+        sensitivity_weights(m, [], loss_fn=loss_fn)
