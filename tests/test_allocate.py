@@ -120,6 +120,10 @@ def test_sqnr_floor_keeps_every_tensor_above_it(synthetic):
     assert 0.0 < dflt.min_sqnr_db < A.DEFAULT_MIN_SQNR_DB
     assert _real_bits(tens, dflt.steps) == pytest.approx(1.5, rel=0.02)
     assert A.allocate([A.tensor_model(k, t, w[k]) for k, t in tens.items()], 4.0).min_sqnr_db == A.DEFAULT_MIN_SQNR_DB
+    # a tensor the calibration never reached (weight 0) is exempt: it still goes to zero rate
+    unused = A.allocate([A.tensor_model(k, t, 0.0 if k == "t2" else w[k]) for k, t in tens.items()], 4.0, tensors=tens)
+    q = A.quantize(tens["t2"], unused.steps["t2"])
+    assert int(q.count_nonzero()) == 0
 
 
 @pytest.mark.parametrize("target", [2.0, 4.5])

@@ -133,13 +133,14 @@ class Pick:
 
 def _choose(tm: TensorModel, lam: float, threshold: float, per_row: bool, min_sqnr_db: float = 0.0):
     """Best (cost, rate bits, weighted distortion, step, row offsets or None) of one tensor at ``lam``; steps whose
-    SQNR would fall below ``min_sqnr_db`` are not taken."""
+    SQNR would fall below ``min_sqnr_db`` are not taken, except by a tensor of weight 0 (one the calibration never
+    reached, such as a pooler an embedding model does not use: it may still go to zero rate)."""
     H, logD = gg_rd(tm.gamma, threshold)
     s = tm.beta * np.exp2(GRID_LOG2)
     rate = tm.n * H * tm.rate_scale + SIDE_BITS
     dist = tm.weight * tm.n * tm.beta**2 * np.exp(logD)
     cost = dist + lam * rate
-    if min_sqnr_db > 0:  # D / Var X of GG(0, 1, gamma): Var = Gamma(3/g) / Gamma(1/g)
+    if min_sqnr_db > 0 and tm.weight > 0:  # D / Var X of GG(0, 1, gamma): Var = Gamma(3/g) / Gamma(1/g)
         var = math.exp(math.lgamma(3 / tm.gamma) - math.lgamma(1 / tm.gamma))
         cost = np.where(logD - math.log(var) <= -min_sqnr_db * math.log(10) / 10, cost, np.inf)
     i = int(np.argmin(cost))
