@@ -612,8 +612,8 @@ def readme(results: list[dict], meta: dict) -> str:
           "a scalar fallback's table and chunks) plus 32 bits of step (96 more for a fallback's GG), not a model rate.",
           "* `ggprior-alloc` minimises the sensitivity-weighted MSE, not SQNR: its median SQNR is not what it "
           "optimises; `ggprior-rel` (equal relative error per tensor) is the SQNR-oriented rule.",
-          "* `ggprior-alloc`, `-rows` and `-trellis` keep every tensor of nonzero weight at 10 dB SQNR or more (the "
-          "allocation's default floor, docs/rate_distortion.md section 2); on SmolLM2 it also ends the trellis's "
+          "* `ggprior-alloc` and `-trellis` keep every tensor of nonzero weight at 10 dB SQNR or more (the "
+          "allocation's default floor, docs/rate_distortion.md section 2; the `-rows` points were measured before it); on SmolLM2 it also ends the trellis's "
           "collapse at 3 bits (perplexity 76.4 without the floor, 46.6 with it; scalar 61.5). MiniLM's pooler has "
           "weight 0 for the mean-pooled embedding and still takes zero rate.",
           "* NNCodec runs with a stub `torchvision` module (no CPU torchvision for torch 2.13.0 installs here; "
