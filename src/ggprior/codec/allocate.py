@@ -54,7 +54,7 @@ SIDE_BITS = compression.STEP_BITS + compression.RANGE_BITS + compression.ANS_OVE
 DEFAULT_MIN_SQNR_DB = 10.0
 """The allocation's default SQNR floor per tensor: on MiniLM classifiers fine-tuned on sentiment and spam (2 seeds
 each) at 2-3 bits/weight, decoded accuracy within 0.5 point of fp32 in 10 of 12 cases (6 dB: 9, none: 6, the rest
-collapse to the majority class); SmolLM2 at 3-3.5 bits: perplexity unchanged (docs/rate_distortion.md)."""
+collapse to the majority class); SmolLM2 at 3-3.5 bits: perplexity unchanged (docs/results/sqnr_floor)."""
 ROW_OFFSETS = np.arange(-8, 8)
 ROW_OFFSET_BITS = (2 * np.floor(np.log2(np.where(ROW_OFFSETS > 0, 2 * ROW_OFFSETS, -2 * ROW_OFFSETS + 1))) + 1)
 ROW_OFFSET_BITS = np.where(ROW_OFFSETS == 0, 1.0, ROW_OFFSET_BITS)  # EG0 of zigzag(o): 1, 3, 3, 5, ...
