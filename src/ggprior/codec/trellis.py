@@ -170,10 +170,9 @@ def _levels(k, nxt, qs):
 
 
 @njit(cache=True, nogil=True)
-def _walk(syms, offsets, counts, kk, nxt, qs, out):
-    """Indices ``syms - kk`` from the per-class arrays (``syms[offsets[c]:...]``), in the order the machine visits them.
-
-    Status 0 ok, 1 a class's symbols ran out, 2 some were left over.
+def _walk(syms, offsets, counts, nxt, qs, out, states):
+    """Indices from the per-class arrays (``syms[offsets[c]:...]``) in the order the machine visits them, and the
+    state of each. Status 0 ok, 1 a class's symbols ran out, 2 some were left over.
     """
     pos = np.zeros(CLASSES, dtype=np.int64)
     s = 0
@@ -181,9 +180,10 @@ def _walk(syms, offsets, counts, kk, nxt, qs, out):
         c = qs[s]
         if pos[c] >= counts[c]:
             return 1
-        v = np.int64(syms[offsets[c] + pos[c]]) - kk
+        v = syms[offsets[c] + pos[c]]
         pos[c] += 1
         out[i] = v
+        states[i] = s
         s = nxt[s, abs(v) & 1]
     for c in range(CLASSES):
         if pos[c] != counts[c]:
@@ -278,20 +278,10 @@ def _decode(data: bytes | memoryview, n: int, name: str) -> DQ:
     offsets[1:] = np.cumsum(counts)[:-1]
     nxt, qs = TRELLISES[n_states]
     k = np.empty(n, dtype=np.int32)
-    if _walk(flat, offsets, counts, 0, nxt, qs, k):
+    states = np.empty(n, dtype=np.uint8)
+    if _walk(flat, offsets, counts, nxt, qs, k, states):
         raise CodingError(f"{name}: trellis indices do not follow the state machine (damaged payload)")
-    return DQ(k, _states(k, nxt), float(step), n_states)
-
-
-@njit(cache=True, nogil=True)
-def _states(k, nxt):
-    """The state of each value (the machine run from state 0 over the indices)."""
-    out = np.empty(k.shape[0], dtype=np.uint8)
-    s = 0
-    for i in range(k.shape[0]):
-        out[i] = s
-        s = nxt[s, abs(k[i]) & 1]
-    return out
+    return DQ(k, states, float(step), n_states)
 
 
 # ----------------------------------------------------------------------------- tensors in a .ggz file
