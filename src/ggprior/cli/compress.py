@@ -17,8 +17,12 @@ REL_HELP = ("per-tensor step giving this relative RMS error (default 0.005 when 
 SELECT_HELP = "quantize 'all' floating tensors, or only 'matrices' (norms and biases kept exact)"
 JOBS_HELP = "threads coding chunks (default: every core)"
 LOSSLESS_HELP = "store every bf16/fp16/fp32 tensor bit-exactly (NaN and Inf included); no quantization"
-TARGET_HELP = ("bits/weight over the quantized tensors: per-tensor steps from the GG-model bit allocation "
-               "(uniform sensitivity; --coder ans or ans-hist)")
+TARGET_HELP = ("bits/weight over the quantized tensors: per-tensor steps from the GG-model bit allocation, "
+               "weighted by each tensor's sensitivity (--calibration; --coder ans or ans-hist)")
+CALIBRATION_HELP = ("text the model is run on to weigh each tensor in the --target-bits/--target-size allocation (the "
+                    "Fisher information of its own outputs): a UTF-8 text file, a shipped corpus (bbc-lm, dialog-lm), "
+                    "or none (every tensor alike); default bbc-lm for a model folder, none for a bare weights file")
+CALIB_TOKENS_HELP = "tokens of calibration text (blocks of 256)"
 PER_ROW_HELP = ("give every row (dim 0) of each matrix its own step with the --rel-error (default 0.005) on that row "
                 "(steps stored as bfloat16, about 11 bits a row)")
 SIZE_HELP = ("size of the whole .ggz file (300MB, 1.5GiB or bytes; header, side files and tables included): steps "
@@ -40,6 +44,30 @@ def _step_args(step: float | None, bits: int | None, rel_error: float | None) ->
     if sum(v is not None for v in (step, bits, rel_error)) > 1:
         fail("give only one of --step, --bits, --rel-error")
     return {"step": step, "bits": bits, "rel_error": rel_error}
+
+
+def _calibrated(source: str, spec: str | None, tokens: int) -> tuple[dict[str, float] | None, str]:
+    """Sensitivity weights for a target's allocation (the model folder run on the calibration text, or None) and
+    a note saying which."""
+    from ..codec.allocate import AllocationError
+    from ..codec.sensitivity import calibration_weights
+    from ..io.sources import BUILTIN_MODELS, builtin_model_dir
+    from ..tasks.data import DataError, calibration_texts
+
+    folder = builtin_model_dir(source) if source in BUILTIN_MODELS else Path(source)
+    runnable = (folder / "config.json").is_file()
+    if spec == "none":
+        return None, "every tensor weighs the same in the allocation (--calibration none)"
+    if spec is None and not runnable:
+        return None, (f"every tensor weighs the same in the allocation: {source} is not a model folder with a "
+                      "config.json to run on calibration text")
+    if not runnable:
+        fail(f"{source}: --calibration runs the model, which needs a Hugging Face folder with a config.json and tokenizer")
+    try:
+        w = calibration_weights(folder, calibration_texts(spec or "bbc-lm"), tokens=tokens, progress=True)
+    except (AllocationError, DataError) as e:
+        fail(str(e))
+    return w, f"allocation weighted by the model's Fisher information on {spec or 'bbc-lm'} ({tokens:,} tokens)"
 
 
 def _select(select: str) -> str:
@@ -65,6 +93,8 @@ def compress_cmd(
     target_size: str = typer.Option(None, "--target-size", help=SIZE_HELP),
     per_row: bool = typer.Option(False, "--per-row", help=PER_ROW_HELP),
     trellis: bool = typer.Option(False, "--trellis", help=TRELLIS_HELP),
+    calibration: str = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
+    calibration_tokens: int = typer.Option(4096, "--calibration-tokens", min=1, help=CALIB_TOKENS_HELP),
     old_include: str = typer.Option(None, "--include", hidden=True),
 ) -> None:
     """Quantize and entropy-code a model into a .ggz file (a folder's config and tokenizer files go inside)."""
@@ -83,13 +113,16 @@ def compress_cmd(
         fail(f"{targets[0]} chooses the steps: it takes no {given[0]}")
     if per_row and (step is not None or bits is not None):
         fail("--per-row takes --rel-error (default 0.005), not --step or --bits")
+    if calibration is not None and not targets:
+        fail("--calibration weighs the allocation of --target-bits or --target-size; give one of them")
     check_output(out, (source,), overwrite=overwrite)
     from ..codec import save_compressed, stored_bytes
 
     try:
+        weights, note = _calibrated(source, calibration, calibration_tokens) if targets else (None, "")
         header = save_compressed(source, out, coder=coder, include=_select(select), gg_fit=gg_fit, progress=True,
                                  jobs=jobs, lossless=lossless, target_bits=target_bits, target_size=target_size,
-                                 per_row=per_row, trellis=trellis, **rule)
+                                 per_row=per_row, trellis=trellis, weights=weights, **rule)
     except _errors() as e:
         fail(str(e))
     kind = "lossless" if lossless else "trellis" if trellis else "quantized"
@@ -100,7 +133,7 @@ def compress_cmd(
     console.print(f"wrote {out}: {header['file_bytes']:,} bytes; {len(q)} {'lossless' if lossless else 'quantized'} tensors, "
                   f"{n:,} weights at {8 * qbytes / max(n, 1):.4f} bits/weight ({coder if kind == 'quantized' else kind}); "
                   f"{len(header['tensors']) - len(q) - tied} tensors stored raw; {tied} tied to another (stored once); "
-                  f"{len(header['files'])} side files")
+                  f"{len(header['files'])} side files" + (f"; {note}" if note else ""))
 
 
 @app.command("decompress")

@@ -87,9 +87,9 @@ def target_steps(
     if not isinstance(target_bits, (int, float)) or not math.isfinite(target_bits):
         raise alloc.AllocationError(f"target of {target_bits!r} bits/weight is not a finite number")
     weights = dict(weights or {})
-    unknown = sorted(set(weights) - set(names))
+    unknown = sorted(k for k in weights if k not in tensors)  # weights of tensors kept raw are not used
     if unknown:
-        raise alloc.AllocationError(f"sensitivity weights for tensors that are not quantized: {unknown[:5]}")
+        raise alloc.AllocationError(f"sensitivity weights for tensors the model does not have: {unknown[:5]}")
     models, fixed, floor = [], {}, {}
     for k in names:
         t = tensors[k]

@@ -364,3 +364,26 @@ def fingerprint(data: TaskData) -> str:
         h.update(k.encode())
         h.update(data.tensors[k].numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+CALIBRATION_MAX_BYTES = 64 << 20
+"""The most a calibration text file may hold (it is read whole; a few thousand tokens are used)."""
+
+
+def calibration_texts(spec: str) -> list[str]:
+    """Text to calibrate a model's sensitivity weights on: a UTF-8 text file, or a corpus's train split
+    (``bbc-lm``, ``dialog-lm``: shipped offline). Raises DataError naming the file or the corpus."""
+    if spec in CORPORA:
+        return corpus_split(spec, "train")
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"calibration text {spec!r}: no such file, and not a corpus ({', '.join(CORPORA)})")
+    if path.stat().st_size > CALIBRATION_MAX_BYTES:
+        raise DataError(f"{path}: calibration text over {CALIBRATION_MAX_BYTES >> 20} MiB; pass a smaller file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: calibration text is not UTF-8 ({e.reason} at byte {e.start})") from e
+    if not text.strip():
+        raise DataError(f"{path}: calibration text is empty")
+    return [text]
