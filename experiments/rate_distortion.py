@@ -66,9 +66,9 @@ NNC_QPS = (-44, -38, -32, -26)
 # interpolation across a 2-bit gap overstates the bits a convex curve needs); alloc-rows is slow on SmolLM2
 FULL = {"rels": (0.003, 0.01, 0.02, 0.04, 0.08), "targets": (3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 6.5, 7.0, 8.0),
         "row_targets": (3.0, 4.0, 5.0, 6.0, 8.0), "sentences": 96,
-        "lm_tokens": 8192, "lm_block": 256, "calib": 4, "synthetic_n": (256, 1024), "minilm_max": None}
+        "lm_tokens": 16384, "lm_block": 256, "calib": 4, "lm_calib": 16, "synthetic_n": (256, 1024), "minilm_max": None}
 QUICK = {"rels": (0.01, 0.04), "targets": (4.0, 6.0), "sentences": 8, "lm_tokens": 64, "lm_block": 32,
-         "calib": 1, "synthetic_n": (64, 256), "minilm_max": 4}
+         "calib": 1, "lm_calib": 1, "synthetic_n": (64, 256), "minilm_max": 4}
 GAMMAS = (0.5, 1.0, 1.5, 2.0)
 
 
@@ -229,7 +229,7 @@ def minilm(p: dict):
 
 
 def smollm2(p: dict):
-    from formats_study import load_smollm2, perplexity
+    from formats_study import load_smollm2
     from ggprior.tasks.data import corpus_split
 
     model, tok = load_smollm2()
@@ -237,16 +237,28 @@ def smollm2(p: dict):
     ids = tok(text[: 20 * p["lm_tokens"]], return_tensors="pt").input_ids[0][: p["lm_tokens"]]
     blocks = ids.view(-1, p["lm_block"])
     train_text = "\n\n".join(corpus_split("bbc-lm", "train"))
-    tids = tok(train_text[: 20 * 4 * p["lm_block"]], return_tensors="pt").input_ids[0][: p["calib"] * p["lm_block"]]
-    calib = list(tids.view(-1, p["lm_block"])[: p["calib"]])
+    tids = tok(train_text[: 20 * p["lm_calib"] * p["lm_block"]], return_tensors="pt").input_ids[0]
+    calib = [{"input_ids": b[None]} for b in tids[: p["lm_calib"] * p["lm_block"]].view(-1, p["lm_block"])]
 
-    def quality(m) -> float:
-        return perplexity(m, blocks)
+    @torch.no_grad()
+    def log_probs(m, b):
+        return torch.log_softmax(m(b[None]).logits[0, :-1].float(), dim=-1)
 
-    def loss_fn(m, b):
-        return m(b[None], labels=b[None]).loss
+    ref = [log_probs(model, b) for b in blocks]  # the original's next-token distributions
 
-    return model, quality, calib, loss_fn
+    @torch.no_grad()
+    def quality(m) -> dict:
+        """Perplexity, and the mean KL divergence (nats/token) of the model's next-token distribution from the
+        original's: a paired, always-positive measure, far less noisy than a difference of perplexities."""
+        nll = kl = 0.0
+        for b, r in zip(blocks, ref, strict=True):
+            lp = log_probs(m, b)
+            nll += float(-lp.gather(1, b[1:, None]).sum())
+            kl += float((r.exp() * (r - lp)).sum())
+        n = blocks.shape[0] * (blocks.shape[1] - 1)
+        return {"quality": math.exp(nll / n), "kl": kl / n}
+
+    return model, quality, calib, None
 
 
 def matrices(model: torch.nn.Module, limit: int | None) -> dict[str, torch.Tensor]:
@@ -297,7 +309,7 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
     n = sum(t.numel() for t in tens.values())
     res = {"model": label, "tensors": len(tens), "weights": n, "points": [], "per_tensor": []}
     if quality is not None:
-        res["reference_quality"] = quality(model)
+        res["reference_quality"] = _measured(quality(model))["quality"]
     models_t = {k: A.tensor_model(k, t, (weights or {}).get(k, 1.0)) for k, t in tens.items()}
     models_r = {k: A.tensor_model(k, t, (weights or {}).get(k, 1.0), row_weight=(row_weights or {}).get(k),
                                   per_row=True) for k, t in tens.items()} if any(m[0] == "ggprior-alloc-rows" for m in ms) else {}
@@ -349,14 +361,19 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
             sd = m2.state_dict()
             for k, r in recon.items():
                 sd[k].copy_(r.to(sd[k].dtype))
-            pt["quality"] = quality(m2)
+            pt.update(_measured(quality(m2)))
             del m2
         pt["seconds"] = time.time() - t0
         res["points"].append(pt)
         res["per_tensor"] += rows
         log(f"{label} {fam} {tag}: {pt['bits']:.3f} bits, median SQNR {pt['median_sqnr_db']:.2f} dB"
-            + (f", quality {pt['quality']:.5f}" if "quality" in pt else "") + f" ({pt['seconds']:.0f} s)")
+            + (f", quality {pt['quality']:.5f}" if "quality" in pt else "")
+            + (f", KL {pt['kl']:.5f}" if "kl" in pt else "") + f" ({pt['seconds']:.0f} s)")
     return res
+
+
+def _measured(q: float | dict) -> dict:
+    return q if isinstance(q, dict) else {"quality": q}
 
 
 # ---------------------------------------------------------------- goals and report
@@ -428,6 +445,26 @@ def same_as_reference(res: dict, ours: dict[str, list], fam: dict[str, list]) ->
     return out
 
 
+def _equal_at(peers: list[dict], ours: dict[str, list], key: str, higher: bool, prefix: str = "") -> dict:
+    """At each peer point's own ``key``: the bits each ggprior family needs (interpolated), the best ratio, and
+    the two goals (<= 0.75x every fixed-length peer, fewer bits than every NNCodec point)."""
+    rows = []
+    for q in peers:
+        need = {f: _interp_bits_at(v, key, q[key], higher) for f, v in ours.items()}
+        best_f = min(need, key=need.get)
+        scalar = min((b for f, b in need.items() if f != "ggprior-alloc-trellis"), default=math.inf)
+        rows.append({"peer": q["method"], "setting": q["setting"], "peer_bits": q["bits"], "peer_quality": q["quality"],
+                     **({"peer_kl": q["kl"]} if "kl" in q else {}),
+                     **{f"{f}_bits": b for f, b in need.items()}, "best_ggprior": best_f,
+                     "ratio": need[best_f] / q["bits"], "ratio_without_trellis": scalar / q["bits"]})
+    fl = [r for r in rows if r["peer"] != "nncodec"]
+    nn = [r for r in rows if r["peer"] == "nncodec"]
+    return {f"{prefix}equal_quality": rows,
+            f"{prefix}ratio_vs_fixed_length_peers_max": max((r["ratio"] for r in fl), default=math.nan),
+            f"{prefix}goal_0.75x_fixed_length_peers": all(r["ratio"] <= 0.75 for r in fl),
+            f"{prefix}goal_fewer_bits_than_nncodec": all(r["ratio"] < 1 for r in nn) if nn else None}
+
+
 def goals(res: dict) -> dict:
     pts = res["points"]
     fam = {}
@@ -435,25 +472,16 @@ def goals(res: dict) -> dict:
         fam.setdefault(q["method"], []).append(q)
     out = {}
     ours = {f: fam[f] for f in ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-rel", "ggprior-alloc-trellis") if f in fam}
+    peers = [q for f in ("gguf", "nf4", "int8", "nncodec") for q in fam.get(f, [])]
     if "quality" in pts[0]:
         higher = res["model"].startswith("minilm")
-        fixed = [q for f in ("gguf", "nf4", "int8") for q in fam.get(f, [])]
-        rows = []
-        for q in fixed + fam.get("nncodec", []):
-            need = {f: _interp_bits_at(v, "quality", q["quality"], higher) for f, v in ours.items()}
-            best_f = min(need, key=need.get)
-            scalar = min((b for f, b in need.items() if f != "ggprior-alloc-trellis"), default=math.inf)
-            rows.append({"peer": q["method"], "setting": q["setting"], "peer_bits": q["bits"], "peer_quality": q["quality"],
-                         **{f"{f}_bits": b for f, b in need.items()}, "best_ggprior": best_f,
-                         "ratio": need[best_f] / q["bits"], "ratio_without_trellis": scalar / q["bits"]})
-        out["equal_quality"] = rows
-        fl = [r for r in rows if r["peer"] != "nncodec"]
-        out["ratio_vs_fixed_length_peers_max"] = max((r["ratio"] for r in fl), default=math.nan)
-        out["goal_0.75x_fixed_length_peers"] = all(r["ratio"] <= 0.75 for r in fl)
-        nn = [r for r in rows if r["peer"] == "nncodec"]
-        out["goal_fewer_bits_than_nncodec"] = all(r["ratio"] < 1 for r in nn) if nn else None
+        out.update(_equal_at(peers, ours, "quality", higher))
         if not higher:
             out["same_as_reference"] = same_as_reference(res, ours, fam)
+    if "kl" in pts[0]:  # log KL: KL falls about as 2^(-2 bits), so log-linear interpolation fits it
+        lg = {f: [{**q, "log_kl": math.log(max(q["kl"], 1e-12))} for q in v] for f, v in ours.items()}
+        out.update(_equal_at([{**q, "log_kl": math.log(max(q["kl"], 1e-12))} for q in peers], lg, "log_kl", False,
+                             prefix="kl_"))
     sq_rows = []
     for q in fam.get("gguf", []):
         if 3.0 <= q["bits"] <= 8.6:
@@ -543,20 +571,26 @@ def readme(results: list[dict], meta: dict) -> str:
         qlab = "cosine" if r["model"].startswith("minilm") else ("perplexity" if "reference_quality" in r else None)
         if qlab:
             L += [f"Reference {qlab}: {r['reference_quality']:.4f}." if qlab == "perplexity" else "Reference cosine: 1.", ""]
-        head = "| method | setting | bits/weight | median SQNR (dB) | model SQNR (dB) |" + (f" {qlab} |" if qlab else "")
+        kl = bool(r["points"]) and "kl" in r["points"][0]
+        head = ("| method | setting | bits/weight | median SQNR (dB) | model SQNR (dB) |" + (f" {qlab} |" if qlab else "")
+                + (" KL (nats/token) |" if kl else ""))
         L += [head, "|" + "---|" * (head.count("|") - 1)]
         for q in r["points"]:
             L.append(f"| {q['method']} | {q['setting']} | {q['bits']:.3f} | {q['median_sqnr_db']:.2f} | "
-                     f"{q['model_sqnr_db']:.2f} |" + (f" {q['quality']:.5f} |" if qlab else ""))
+                     f"{q['model_sqnr_db']:.2f} |" + (f" {q['quality']:.5f} |" if qlab else "")
+                     + (f" {q['kl']:.5f} |" if kl else ""))
         g = r["goals"]
         L += [""]
-        if "equal_quality" in g:
-            L += [f"Equal {qlab}: bits ggprior needs (interpolated on its curves) / bits of the peer:", "",
-                  "| peer | setting | peer bits | peer " + qlab + " | alloc bits | alloc-rows bits | rel bits | "
-                  "alloc-trellis bits | best ratio without trellis | best ratio |",
+        for prefix, what, key in (("", qlab, "peer_quality"), ("kl_", "KL divergence from the original", "peer_kl")):
+            if f"{prefix}equal_quality" not in g:
+                continue
+            L += [f"Equal {what}: bits ggprior needs (interpolated on its curves{', in log KL' if prefix else ''}) / "
+                  "bits of the peer:", "",
+                  f"| peer | setting | peer bits | peer {'KL' if prefix else qlab} | alloc bits | alloc-rows bits | "
+                  "rel bits | alloc-trellis bits | best ratio without trellis | best ratio |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-            for e in g["equal_quality"]:
-                L.append(f"| {e['peer']} | {e['setting']} | {e['peer_bits']:.3f} | {e['peer_quality']:.5f} | "
+            for e in g[f"{prefix}equal_quality"]:
+                L.append(f"| {e['peer']} | {e['setting']} | {e['peer_bits']:.3f} | {e[key]:.5f} | "
                          f"{fmt(e.get('ggprior-alloc_bits'))} | {fmt(e.get('ggprior-alloc-rows_bits'))} | "
                          f"{fmt(e.get('ggprior-rel_bits'))} | {fmt(e.get('ggprior-alloc-trellis_bits'))} | "
                          f"{fmt(e.get('ratio_without_trellis'))} | {fmt(e['ratio'])} |")
@@ -626,19 +660,21 @@ def goal_lines(results: list[dict]) -> list[str]:
     out = []
     for r in results:
         g, name = r["goals"], r["model"].split(" (")[0]
-        if "equal_quality" in g:
-            fl = [e for e in g["equal_quality"] if e["peer"] != "nncodec"]
+        for prefix, what in (("", "quality"), ("kl_", "KL divergence from the original")):
+            if f"{prefix}equal_quality" not in g:
+                continue
+            fl = [e for e in g[f"{prefix}equal_quality"] if e["peer"] != "nncodec"]
             worst = max(fl, key=lambda e: e["ratio"]) if fl else None
-            verdict = "holds" if g["goal_0.75x_fixed_length_peers"] else "does not hold"
+            verdict = "holds" if g[f"{prefix}goal_0.75x_fixed_length_peers"] else "does not hold"
             detail = ", ".join(f"{e['setting']} {e['ratio']:.2f}" + (
                 f" (without trellis {e['ratio_without_trellis']:.2f})" if e.get("ggprior-alloc-trellis_bits") else "")
                 for e in fl)
-            out.append(f"* {name}: <= 0.75x the bits of every fixed-length peer at each peer's own quality **{verdict}** "
-                       f"(ratios {detail}; worst {worst['setting'] if worst else ''}).")
-            nn = [e for e in g["equal_quality"] if e["peer"] == "nncodec"]
+            out.append(f"* {name}: <= 0.75x the bits of every fixed-length peer at each peer's own {what} "
+                       f"**{verdict}** (ratios {detail}; worst {worst['setting'] if worst else ''}).")
+            nn = [e for e in g[f"{prefix}equal_quality"] if e["peer"] == "nncodec"]
             if nn:
-                verdict = "holds" if g["goal_fewer_bits_than_nncodec"] else "does not hold"
-                out.append(f"* {name}: fewer bits than NNCodec at each NNCodec point's own quality **{verdict}** ("
+                verdict = "holds" if g[f"{prefix}goal_fewer_bits_than_nncodec"] else "does not hold"
+                out.append(f"* {name}: fewer bits than NNCodec at each NNCodec point's own {what} **{verdict}** ("
                            + ", ".join(f"{e['setting']} {e['ratio']:.2f}" + (
                                f" (without trellis {e['ratio_without_trellis']:.2f})"
                                if e.get("ggprior-alloc-trellis_bits") else "") for e in nn) + ").")
@@ -737,14 +773,15 @@ def main() -> None:
         results.append(run_model(MODEL_LABEL["minilm"], tens, p, nnc, model, quality, w, wr, ms=ms))
         del model
     if "smollm2" in models and not a.skip_smollm2 and not a.quick:
-        model, quality, calib, loss_fn = smollm2(p)
+        model, quality, calib, _ = smollm2(p)
         tens = matrices(model, None)
-        w = sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
-        wr = sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
+        # the library's default for a model folder (ggprior compress --calibration): the Fisher of its own outputs
+        w = sensitivity_weights(model, calib, kind="fisher", names=tens)
+        wr = sensitivity_weights(model, calib, kind="fisher", names=tens, per_row=True)
         # alloc-rows is not run here: its per-row allocation takes 2-10 min a point on SmolLM2, and it tied alloc
         results.append(run_model(MODEL_LABEL["smollm2"], tens, p, nnc, model, quality, w, wr,
                                  ms=[m for m in ms if m[0] != "ggprior-alloc-rows"]))
-        results[-1].update(eval_tokens=p["lm_tokens"], eval_block=p["lm_block"], calib_tokens=p["calib"] * p["lm_block"])
+        results[-1].update(eval_tokens=p["lm_tokens"], eval_block=p["lm_block"], calib_tokens=p["lm_calib"] * p["lm_block"])
     meta = {"command": command_line(), "seconds": time.time() - t_start, "quick": a.quick, "params": p,
             "nncodec_error": nnc_err if not a.skip_nncodec else "skipped (--skip-nncodec)"}
     a.out.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,22 @@ def test_same_as_reference_uses_the_half_percent_tolerance():
     assert m["ratio_fixed"] == pytest.approx(6.0 / 8.5) and m["ratio_nncodec"] == pytest.approx(1.0)
 
 
+def test_equal_kl_interpolates_in_log_kl():
+    # KL falls about as 2^(-2 bits): halfway in log KL between 0.04 (4 bits) and 0.0025 (6 bits) is 0.01, at 5 bits
+    def p(method, bits, kl, ppl=27.0):
+        return {"method": method, "setting": f"B{bits}", "bits": bits, "kl": kl, "quality": ppl,
+                "median_sqnr_db": 30.0, "model_sqnr_db": 30.0}
+
+    res = {"model": "smollm2 (test)", "reference_quality": 26.9, "per_tensor": [],
+           "points": [p("int8", 8.0, 0.01), p("nncodec", 6.0, 0.0025, 27.5),
+                      p("ggprior-alloc", 4.0, 0.04, 28.0), p("ggprior-alloc", 6.0, 0.0025, 26.95)]}
+    g = RD.goals(res)
+    (int8,) = [e for e in g["kl_equal_quality"] if e["peer"] == "int8"]
+    assert int8["ggprior-alloc_bits"] == pytest.approx(5.0) and int8["ratio"] == pytest.approx(5.0 / 8.0)
+    assert g["kl_goal_0.75x_fixed_length_peers"] and not g["kl_goal_fewer_bits_than_nncodec"]  # 6.0 vs 6.0: a tie
+    assert any("own KL divergence from the original **holds**" in line for line in RD.goal_lines([{**res, "goals": g}]))
+
+
 @pytest.mark.slow
 def test_rd_tasks_quick_merges_points(tmp_path):
     """rd_tasks --quick, then --families with one point: that point is measured again, the others stay."""

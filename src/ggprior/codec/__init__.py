@@ -10,6 +10,8 @@
 * :mod:`.rans` - the table-driven rANS coder (integer frequency tables stored in the file);
 * :mod:`.header`, :mod:`.writer`, :mod:`.container` - the ``.ggz`` file: format and checks, writing,
   reading and the public API (:func:`save_compressed`, :func:`load_compressed`);
+* :mod:`.allocate`, :mod:`.sensitivity`, :mod:`.target` - the GG-model bit allocation, its sensitivity weights
+  (:func:`sensitivity_weights`, :func:`calibration_weights`: the Fisher of a model folder on text) and target sizes;
 * :mod:`.checkpoint` - a ``.ggz`` back to a Hugging Face folder or a model (:func:`decompress`, :func:`from_pretrained`).
 
 Imports ``gg`` and ``io`` only.
@@ -30,3 +32,4 @@ from .histogram import Histogram, histogram
 from .lengths import measure, quantized_state_dict, summarize, tensor_bits
 from .quantizer import QuantError, QuantizedTensor, dequantize, quantize, quantize_tensor
 from .registry import CODERS, MEASURES
+from .sensitivity import calibration_weights, sensitivity_weights
