@@ -188,3 +188,15 @@ def test_cli_calibration_errors(tmp_path, gpt2_folder):
     assert r.exit_code != 0 and "needs a Hugging Face folder" in r.output and not out.exists()
     r = run(app, ["compress", str(bare), str(out), "--target-bits", "4"])  # no model to run: uniform, said so
     assert r.exit_code == 0 and "is not a model folder" in " ".join(r.output.split()) and out.exists()
+
+
+def test_calibration_of_a_model_that_cannot_run_on_text_alone(tmp_path):
+    # an encoder-decoder wants decoder inputs: a one-line error naming the folder, not a traceback
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)
+    folder = tmp_path / "t5"
+    transformers.T5Model(cfg).save_pretrained(folder)
+    _tokenizer(folder)
+    with pytest.raises(AllocationError, match=r"t5: running the T5Model on calibration text failed .*--calibration none"):
+        calibration_weights(folder, [TEXT], tokens=50)

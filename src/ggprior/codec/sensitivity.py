@@ -173,7 +173,11 @@ def calibration_weights(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=f"calibration ({len(batches)} blocks of {block} tokens)", unit="block")
-    got = sensitivity_weights(model, batches, kind="fisher")
+    try:
+        got = sensitivity_weights(model, batches, kind="fisher")
+    except (ValueError, TypeError, RuntimeError, IndexError) as e:  # e.g. an encoder-decoder wanting decoder inputs
+        raise AllocationError(f"{path}: running the {type(model).__name__} on calibration text failed "
+                              f"({_first_line(e)}); pass --calibration none") from e
     first = {id(p): k for k, p in model.named_parameters()}  # tied parameters share one weight
     params = {k: got.get(first[id(p)], np.nan) for k, p in model.named_parameters(remove_duplicate=False)}
     out, src = {}, open_source(path)
@@ -201,9 +205,12 @@ def _load_for_calibration(path: Path) -> tuple[nn.Module, object]:
         model = cls.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AllocationError(f"{path}: cannot build the model and tokenizer for calibration ({first})") from e
+        raise AllocationError(f"{path}: cannot build the model and tokenizer for calibration ({_first_line(e)})") from e
     return model.eval(), tok
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _text_blocks(tok: object, texts: Iterable[str], tokens: int, block: int, dev: torch.device) -> list[dict]:
