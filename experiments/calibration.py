@@ -98,11 +98,11 @@ def coded(folder: Path, model: torch.nn.Module, B: float, w: dict | None) -> tup
         back = load_compressed(f"{tmp}/m.ggz")
         q = [e for e in read_header(f"{tmp}/m.ggz")["tensors"] if e["encoding"] == "quantized"]
     sd = model.state_dict()
-    unknown = sorted(set(back) - set(sd))
+    unknown = sorted(k for k in set(back) - set(sd) if back[k].is_floating_point())  # not buffers (position_ids)
     if unknown:
         raise SystemExit(f"{folder}: tensors the model does not hold: {unknown[:3]}")
     m2 = copy.deepcopy(model)
-    m2.load_state_dict({k: v.to(sd[k].dtype) for k, v in back.items()}, strict=False)
+    m2.load_state_dict({k: v.to(sd[k].dtype) for k, v in back.items() if k in sd}, strict=False)
     n = sum(math.prod(e["shape"]) for e in q)
     return m2, 8 * sum(stored_bytes(e) for e in q) / n, h["file_bytes"]
 
@@ -139,10 +139,11 @@ QUALITY = {"minilm": ("quality", "1 - cosine", lambda v: 1 - v), "smollm2": ("kl
 def plot(rows: list[dict], path: Path) -> Path:
     from ggprior.report.plots import plt, save_figure
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, name in zip(axes, TARGETS, strict=True):
+    names = [n for n in TARGETS if any(r["model"] == n for r in rows)]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.7 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
         key, label, f = QUALITY[name]
-        for B, c in zip(TARGETS[name], ("C0", "C1"), strict=True):
+        for B, c in zip(TARGETS[name], ("C0", "C1", "C2", "C3"), strict=False):
             pts = [r for r in rows if r["model"] == name and r["target"] == B]
             val = [(100 * (r["ref_quality"] - r["quality"]) if f is None else f(r[key])) for r in pts]
             ax.plot(range(len(pts)), val, marker="o", color=c, label=f"{B} bits/weight")
