@@ -16,22 +16,24 @@ Tensors: the 2-D matrices of all-MiniLM-L6-v2 (sentence-transformers, built in) 
   the ``--rel-error`` rule of ``ggprior compress``), coded with rANS under the fitted GG;
 * ggprior ``alloc``: ``codec.allocate`` at a target of B bits/weight, with sensitivity weights
   from calibration batches (MiniLM: mean squared gradient of random projections of the pooled
-  sentence embedding, i.e. how much the embedding moves per unit weight error; SmolLM2: mean
-  squared gradient of the LM loss), sizes calibrated to the real rANS code lengths;
+  sentence embedding, i.e. how much the embedding moves per unit weight error; SmolLM2: the Fisher of its
+  own next-token distribution, ``sensitivity_weights(kind="fisher")``), sizes calibrated to the real rANS code
+  lengths;
 * ggprior ``alloc-rows``: the same with per-row steps where they pay (per-row gradient weights);
 * ggprior ``alloc-trellis``: the ``alloc`` allocation (same weights) stored with 8-state trellis quantization,
   through the real writer: ``save_compressed(target_bits=B, trellis=True, weights=...)`` to a temporary
   ``.ggz`` and back; bits = the file's stored bytes of each tensor (payloads, tables) + 32 bits for its step
   (+ 96 for the GG of a tensor that fell back to the scalar stream).
 
-``--families f1,f2`` measures only those families and merges them into the existing rate_distortion.json
-(replacing their old points; the other families' points stay, the run is recorded in ``meta.runs``);
+``--families f1,f2`` measures only those families (or single points: ``ggprior-alloc:B9.0``) and merges them into
+the existing rate_distortion.json (replacing their old points; the other families' points stay, the run is recorded in ``meta.runs``);
 ``--models`` picks the tensor sets (synthetic, minilm, smollm2).
 
 Measures: per-tensor SQNR and bits/weight; MiniLM sentence-embedding cosine against the original
 (mean pooling, a fixed set of sentences from the sentiment and topic test splits; calibration
 batches for the sensitivities come from the train splits); SmolLM2
-perplexity on the first tokens of the bbc-lm test split. Writes rate_distortion.json, README.md and
+perplexity and KL divergence from the original (nats/token) on the first tokens of the bbc-lm test split
+(sensitivities: the Fisher of its own outputs, ``kind="fisher"``, on bbc-lm train blocks). Writes rate_distortion.json, README.md and
 rate_distortion.png under --out.
 """
 
@@ -64,7 +66,7 @@ GGUF = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 NNC_QPS = (-44, -38, -32, -26)
 # alloc / alloc-trellis are cheap per point: a denser grid where the peers' operating points lie (linear
 # interpolation across a 2-bit gap overstates the bits a convex curve needs); alloc-rows is slow on SmolLM2
-FULL = {"rels": (0.003, 0.01, 0.02, 0.04, 0.08), "targets": (3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 6.5, 7.0, 8.0),
+FULL = {"rels": (0.003, 0.01, 0.02, 0.04, 0.08), "targets": (3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 6.5, 7.0, 8.0, 9.0),
         "row_targets": (3.0, 4.0, 5.0, 6.0, 8.0), "sentences": 96,
         "lm_tokens": 16384, "lm_block": 256, "calib": 4, "lm_calib": 16, "synthetic_n": (256, 1024), "minilm_max": None}
 QUICK = {"rels": (0.01, 0.04), "targets": (4.0, 6.0), "sentences": 8, "lm_tokens": 64, "lm_block": 32,
@@ -706,6 +708,11 @@ def goal_lines(results: list[dict]) -> list[str]:
 MODELS = ("synthetic", "minilm", "smollm2")
 
 
+def selected(q: dict, families: list[str]) -> bool:
+    """Whether a point (or a per-tensor row) belongs to ``families``: a whole family, or one ``family:setting``."""
+    return q["method"] in families or f"{q['method']}:{q['setting']}" in families
+
+
 def merged(old: dict, results: list[dict], meta: dict, families: list[str] | None) -> dict:
     """``old`` (a rate_distortion.json) with the points of ``families`` replaced by those of ``results`` (matched by
     model), or, with ``families`` None, whole models replaced by those of ``results``; the run recorded in
@@ -718,8 +725,8 @@ def merged(old: dict, results: list[dict], meta: dict, families: list[str] | Non
         if new is not None and families is None:
             r = new
         elif new is not None:
-            r["points"] = [q for q in r["points"] if q["method"] not in families] + new["points"]
-            r["per_tensor"] = [q for q in r["per_tensor"] if q["method"] not in families] + new["per_tensor"]
+            r["points"] = [q for q in r["points"] if not selected(q, families)] + new["points"]
+            r["per_tensor"] = [q for q in r["per_tensor"] if not selected(q, families)] + new["per_tensor"]
         out.append(r)
     out += by_model.values()  # a model the old file did not have
     runs.append({"command": meta["command"], "seconds": meta["seconds"], "families": ",".join(families or ["all"]),
@@ -738,7 +745,8 @@ def main() -> None:
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-nncodec", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md and the plot from the JSON")
-    ap.add_argument("--families", help="comma-separated families to measure, merged into the existing JSON")
+    ap.add_argument("--families", help="comma-separated families (or single points, family:setting) to measure, "
+                    "merged into the existing JSON")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated tensor sets of {', '.join(MODELS)}")
     a = ap.parse_args()
     if a.report_only:
@@ -750,7 +758,7 @@ def main() -> None:
         return
     p = QUICK if a.quick else FULL
     fams = a.families.split(",") if a.families else None
-    known = {f for f, _, _ in methods(p, True)}
+    known = {x for f, t, _ in methods(p, True) for x in (f, f"{f}:{t}")}
     if fams and not set(fams) <= known:
         ap.error(f"unknown families {sorted(set(fams) - known)}; known: {sorted(known)}")
     models = a.models.split(",")
@@ -758,7 +766,7 @@ def main() -> None:
     t_start = time.time()
     nnc_err = None if a.skip_nncodec else nncodec_available()
     nnc = not a.skip_nncodec and nnc_err is None
-    ms = [m for m in methods(p, nnc) if not fams or m[0] in fams]
+    ms = [m for m in methods(p, nnc) if not fams or selected({"method": m[0], "setting": m[1]}, fams)]
     results = []
     if "synthetic" in models:  # synthetic GG tensors across gamma
         r_, c_ = p["synthetic_n"]
@@ -778,9 +786,9 @@ def main() -> None:
         # the library's default for a model folder (ggprior compress --calibration): the Fisher of its own outputs
         w = sensitivity_weights(model, calib, kind="fisher", names=tens)
         wr = sensitivity_weights(model, calib, kind="fisher", names=tens, per_row=True)
-        # alloc-rows is not run here: its per-row allocation takes 2-10 min a point on SmolLM2, and it tied alloc
+        # alloc-rows only when asked for (--families): its per-row allocation takes 2-10 min a point on SmolLM2
         results.append(run_model(MODEL_LABEL["smollm2"], tens, p, nnc, model, quality, w, wr,
-                                 ms=[m for m in ms if m[0] != "ggprior-alloc-rows"]))
+                                 ms=[m for m in ms if m[0] != "ggprior-alloc-rows" or fams]))
         results[-1].update(eval_tokens=p["lm_tokens"], eval_block=p["lm_block"], calib_tokens=p["lm_calib"] * p["lm_block"])
     meta = {"command": command_line(), "seconds": time.time() - t_start, "quick": a.quick, "params": p,
             "nncodec_error": nnc_err if not a.skip_nncodec else "skipped (--skip-nncodec)"}

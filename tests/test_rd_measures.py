@@ -71,6 +71,22 @@ def test_equal_kl_interpolates_in_log_kl():
     assert any("own KL divergence from the original **holds**" in line for line in RD.goal_lines([{**res, "goals": g}]))
 
 
+def test_merged_replaces_whole_families_or_single_points():
+    def pt(m, s, v):
+        return {"method": m, "setting": s, "bits": v}
+
+    old = {"meta": {"command": "first", "seconds": 1.0},
+           "results": [{"model": "m", "points": [pt("a", "B1", 1), pt("a", "B2", 2), pt("b", "x", 3)], "per_tensor": []}]}
+    meta = {"command": "again", "seconds": 2.0, "params": {}}
+    d = RD.merged(json.loads(json.dumps(old)), [{"model": "m", "points": [pt("a", "B2", 9)], "per_tensor": []}], meta,
+                  ["a:B2"])
+    assert d["results"][0]["points"] == [pt("a", "B1", 1), pt("b", "x", 3), pt("a", "B2", 9)]
+    d = RD.merged(json.loads(json.dumps(old)), [{"model": "m", "points": [pt("a", "B5", 5)], "per_tensor": []}], meta,
+                  ["a"])
+    assert d["results"][0]["points"] == [pt("b", "x", 3), pt("a", "B5", 5)]
+    assert [r["families"] for r in d["meta"]["runs"]] == ["all", "a"]
+
+
 @pytest.mark.slow
 def test_rd_tasks_quick_merges_points(tmp_path):
     """rd_tasks --quick, then --families with one point: that point is measured again, the others stay."""
