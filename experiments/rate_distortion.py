@@ -628,20 +628,24 @@ def readme(results: list[dict], meta: dict) -> str:
           "holds at most 16 distinct values, so GGUF Q4_1/Q5_1/Q8_0 re-quantize it almost exactly and are favoured "
           "there; its perplexity reference is the dequantized model's.",
           "* Equal quality is read off ggprior's curves by linear interpolation between measured points; a peer "
-          "whose quality ggprior's curves never reach gets ratio inf. On SmolLM2 it is read two ways: at each peer's "
-          "own perplexity with no tolerance (*Equal perplexity*), and as the issue words it, the same perplexity as the "
-          "original within 0.5% (*Same perplexity as the reference*: per family the fewest bits that stay within "
-          "0.5% of the reference, the point a user who wants the original's quality picks). Peers that never come "
-          "within 0.5% of the reference (Q5_x, Q4_x, NF4, FP8) take part in the first reading only.",
+          "whose quality ggprior's curves never reach gets ratio inf. On SmolLM2 it is read three ways: at each peer's "
+          "own perplexity with no tolerance (*Equal perplexity*); at each peer's own KL divergence from the original "
+          "(*Equal KL*, interpolated in log KL); and as the issue words it, the same perplexity as the original within "
+          "0.5% (*Same perplexity as the reference*: per family the fewest bits that stay within 0.5% of the "
+          "reference, the point a user who wants the original's quality picks). Peers that never come within 0.5% of "
+          "the reference (Q5_x, Q4_x, NF4, FP8) take part in the first two readings only.",
           "* Sensitivities come from a few calibration batches (MiniLM: train-split sentences, disjoint from the "
-          "evaluation sentences; SmolLM2: bbc-lm train text); the evaluation sets are small (see the command's "
-          "parameters in the JSON), one seed.",
-          *[f"* SmolLM2's perplexity is over the first {r['eval_tokens']} tokens of the bbc-lm test split (blocks of "
-            f"{r['eval_block']}), its sensitivities from {r['calib_tokens']} train tokens. Even so, a perplexity moves "
-            "by a few tenths of a percent between neighbouring points of one curve for no reason of rate (a weight "
-            "perturbation's first-order effect on a finite text has either sign: NNCodec's best points score below "
-            "the reference), so a 0.5% tolerance sits near that noise; alloc-rows is not run on SmolLM2 (2-10 min a "
-            "point for its per-row allocation; at 2048 tokens it was within that noise of alloc)."
+          "evaluation sentences; SmolLM2: the Fisher of its own next-token distribution on bbc-lm train text, what "
+          "`ggprior compress --target-bits` does for a model folder); the evaluation sets are small (see the "
+          "command's parameters in the JSON), one seed.",
+          *[f"* SmolLM2's perplexity and KL are over the first {r['eval_tokens']} tokens of the bbc-lm test split "
+            f"(blocks of {r['eval_block']}), its sensitivities from {r['calib_tokens']} train tokens. A perplexity "
+            "still moves by a few tenths of a percent between neighbouring points of one curve for no reason of rate "
+            "(a weight perturbation's first-order effect on a finite text has either sign: NNCodec qp -38 scores below "
+            "the reference, and the trellis at 7 bits above its 6.5-bit point), so a 0.5% tolerance sits near that "
+            "noise. The KL of the same tokens has no such sign: it falls steadily with rate on every curve, which is "
+            "why it is the reading to trust where the two disagree. alloc-rows runs on SmolLM2 only where listed "
+            "(2-10 min a point for its per-row allocation)."
             for r in results if r.get("eval_tokens")],
           "* `ggprior-alloc-trellis` is written and read back through `save_compressed(target_bits=B, trellis=True, "
           "weights=...)`: its bits are the file's own bytes per tensor (trellis payloads with their tables and head, or "
@@ -649,8 +653,9 @@ def readme(results: list[dict], meta: dict) -> str:
           "* `ggprior-alloc` minimises the sensitivity-weighted MSE, not SQNR: its median SQNR is not what it "
           "optimises; `ggprior-rel` (equal relative error per tensor) is the SQNR-oriented rule.",
           "* `ggprior-alloc` and `-trellis` keep every tensor of nonzero weight at 10 dB SQNR or more (the "
-          "allocation's default floor, docs/rate_distortion.md section 2; the `-rows` points were measured before it); on SmolLM2 it also ends the trellis's "
-          "collapse at 3 bits (perplexity 76.4 without the floor, 46.6 with it; scalar 61.5). MiniLM's pooler has "
+          "allocation's default floor, docs/rate_distortion.md section 2; the `-rows` points were measured before it); on SmolLM2 it also ended the "
+          "trellis's collapse at 3 bits (docs/results/sqnr_floor, older weights, 8192 tokens: perplexity 76.4 without "
+          "the floor, 46.6 with it; scalar 61.5). MiniLM's pooler has "
           "weight 0 for the mean-pooled embedding and still takes zero rate.",
           "* NNCodec runs with a stub `torchvision` module (no CPU torchvision for torch 2.13.0 installs here; "
           "NNCodec imports it only for its image datasets).", ""]
