@@ -516,6 +516,7 @@ def plot(results: list[dict], path: Path) -> Path:
     panels = [(r, "median_sqnr_db", "median SQNR (dB)") for r in results]
     panels += [(r, "quality", "cosine vs original" if r["model"].startswith("minilm") else "perplexity")
                for r in results if r["points"] and "quality" in r["points"][0]]
+    panels += [(r, "kl", "KL from the original (nats/token, log)") for r in results if r["points"] and "kl" in r["points"][0]]
     ncol = 3
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.0 * ncol, 4.0 * nrow), squeeze=False)
@@ -532,15 +533,15 @@ def plot(results: list[dict], path: Path) -> Path:
             if key == "quality" and r["model"].startswith("minilm"):
                 ys = [max(1 - y, 1e-7) for y in ys]
             ax.plot([q["bits"] for q in pts], ys, marker=mk, color=c, label=f, lw=1 if len(pts) > 1 else 0)
-        if key == "quality" and r["model"].startswith("minilm"):
+        if key == "kl" or (key == "quality" and r["model"].startswith("minilm")):
             ax.set_yscale("log")
-            lab = "1 - cosine vs original (log)"
+            lab = lab if key == "kl" else "1 - cosine vs original (log)"
         if key == "quality" and not r["model"].startswith("minilm"):
             ax.axhline(r["reference_quality"], color="gray", ls=":", lw=1, label="fp32")
         ax.set_xlabel("bits / weight (side information included)")
         ax.set_ylabel(lab)
         ax.set_title(r["model"], fontsize=9)
-        ax.set_xlim(2, 9.5)
+        ax.set_xlim(2, 10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return save_figure(fig, path)
