@@ -205,7 +205,8 @@ def _load_for_calibration(path: Path) -> tuple[nn.Module, object]:
         model = cls.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise AllocationError(f"{path}: cannot build the model and tokenizer for calibration ({_first_line(e)})") from e
+        raise AllocationError(f"{path}: cannot build the model and tokenizer for calibration ({_first_line(e)}); "
+                             "pass --calibration none") from e
     return model.eval(), tok
 
 
