@@ -186,6 +186,8 @@ def report(d: dict) -> str:
 
 
 def findings(rows: list[dict]) -> list[str]:
+    """Per model and rate: each setting's loss in the model's own unit, and the default's against none's."""
+    unit = {"minilm": ("1 - cosine", "{:.4f}"), "smollm2": ("KL", "{:.3f}"), "sentiment": ("accuracy drop", "{:+.2f} pt")}
     out = []
     for name in TARGETS:
         key, _, f = QUALITY[name]
@@ -193,11 +195,12 @@ def findings(rows: list[dict]) -> list[str]:
             pts = [r for r in rows if r["model"] == name and r["target"] == B]
             if not pts:
                 continue
-            loss = {r["setting"]: (r["ref_quality"] - r["quality"]) if f is None else f(r[key]) for r in pts}
-            best = min(loss, key=loss.get)
-            out.append(f"* {name} at {B} bits/weight: best `{best}`; " + ", ".join(
-                f"`{k}` {v / loss['none']:.2f}x of none's loss" if loss["none"] > 0 else f"`{k}` {v:.4g}"
-                for k, v in loss.items() if k != "none") + ".")
+            loss = {r["setting"]: 100 * (r["ref_quality"] - r["quality"]) if f is None else f(r[key]) for r in pts}
+            lab, form = unit[name]
+            ratio = (f"; the default `fisher-4096` has {loss['fisher-4096'] / loss['none']:.2f}x none's loss"
+                     if f is not None and "fisher-4096" in loss else "")
+            out.append(f"* {name} at {B} bits/weight, {lab}: " + ", ".join(
+                f"`{k}` {form.format(v)}" for k, v in loss.items()) + ratio + ".")
     return out
 
 
