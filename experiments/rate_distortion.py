@@ -66,7 +66,7 @@ GGUF = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 NNC_QPS = (-44, -38, -32, -26)
 # alloc / alloc-trellis are cheap per point: a denser grid where the peers' operating points lie (linear
 # interpolation across a 2-bit gap overstates the bits a convex curve needs); alloc-rows is slow on SmolLM2
-FULL = {"rels": (0.003, 0.01, 0.02, 0.04, 0.08), "targets": (3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 6.5, 7.0, 8.0, 9.0),
+FULL = {"rels": (0.003, 0.01, 0.02, 0.04, 0.08), "targets": (3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 6.5, 7.0, 8.0, 9.0, 10.0),
         "row_targets": (3.0, 4.0, 5.0, 6.0, 8.0), "sentences": 96,
         "lm_tokens": 16384, "lm_block": 256, "calib": 4, "lm_calib": 16, "synthetic_n": (256, 1024), "minilm_max": None}
 QUICK = {"rels": (0.01, 0.04), "targets": (4.0, 6.0), "sentences": 8, "lm_tokens": 64, "lm_block": 32,
@@ -646,7 +646,7 @@ def readme(results: list[dict], meta: dict) -> str:
             "the reference, and the trellis at 7 bits above its 6.5-bit point), so a 0.5% tolerance sits near that "
             "noise. The KL of the same tokens has no such sign: it falls steadily with rate on every curve, which is "
             "why it is the reading to trust where the two disagree. alloc-rows runs on SmolLM2 only where listed "
-            "(2-10 min a point for its per-row allocation)."
+            "(2-6 min a point for its per-row allocation)."
             for r in results if r.get("eval_tokens")],
           "* `ggprior-alloc-trellis` is written and read back through `save_compressed(target_bits=B, trellis=True, "
           "weights=...)`: its bits are the file's own bytes per tensor (trellis payloads with their tables and head, or "
