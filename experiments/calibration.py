@@ -206,8 +206,8 @@ def findings(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models-dir", type=Path, default=Path("/work/ps-cpu-work/models"))
-    ap.add_argument("--work", type=Path, default=Path("/work/ps-cpu-work"))
+    ap.add_argument("--models-dir", type=Path, default=Path("runs/pretrained_cpu/models"))
+    ap.add_argument("--work", type=Path, default=Path("runs/calibration"))
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "calibration")
     ap.add_argument("--models", default=",".join(TARGETS))
     ap.add_argument("--report-only", action="store_true")

@@ -22,7 +22,7 @@ TARGET_HELP = ("bits/weight over the quantized tensors: per-tensor steps from th
 CALIBRATION_HELP = ("text the model is run on to weigh each tensor in the --target-bits/--target-size allocation (the "
                     "Fisher information of its own outputs): a UTF-8 text file, a shipped corpus (bbc-lm, dialog-lm), "
                     "or none (every tensor alike); default bbc-lm for a model folder, none for a bare weights file")
-CALIB_TOKENS_HELP = "tokens of calibration text (blocks of 256)"
+CALIB_TOKENS_HELP = "tokens of calibration text (blocks of 256; default 4096)"
 PER_ROW_HELP = ("give every row (dim 0) of each matrix its own step with the --rel-error (default 0.005) on that row "
                 "(steps stored as bfloat16, about 11 bits a row)")
 SIZE_HELP = ("size of the whole .ggz file (300MB, 1.5GiB or bytes; header, side files and tables included): steps "
@@ -46,11 +46,11 @@ def _step_args(step: float | None, bits: int | None, rel_error: float | None) ->
     return {"step": step, "bits": bits, "rel_error": rel_error}
 
 
-def _calibrated(source: str, spec: str | None, tokens: int) -> tuple[dict[str, float] | None, str]:
+def _calibrated(source: str, spec: str | None, tokens: int | None) -> tuple[dict[str, float] | None, str]:
     """Sensitivity weights for a target's allocation (the model folder run on the calibration text, or None) and
     a note saying which."""
     from ..codec.allocate import AllocationError
-    from ..codec.sensitivity import calibration_weights
+    from ..codec.sensitivity import CALIBRATION_TOKENS, calibration_weights
     from ..io.sources import BUILTIN_MODELS, builtin_model_dir
     from ..tasks.data import DataError, calibration_texts
 
@@ -63,6 +63,7 @@ def _calibrated(source: str, spec: str | None, tokens: int) -> tuple[dict[str, f
                       "config.json to run on calibration text")
     if not runnable:
         fail(f"{source}: --calibration runs the model, which needs a Hugging Face folder with a config.json and tokenizer")
+    tokens = tokens or CALIBRATION_TOKENS
     try:
         w = calibration_weights(folder, calibration_texts(spec or "bbc-lm"), tokens=tokens, progress=True)
     except (AllocationError, DataError) as e:
@@ -94,7 +95,7 @@ def compress_cmd(
     per_row: bool = typer.Option(False, "--per-row", help=PER_ROW_HELP),
     trellis: bool = typer.Option(False, "--trellis", help=TRELLIS_HELP),
     calibration: str = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
-    calibration_tokens: int = typer.Option(4096, "--calibration-tokens", min=1, help=CALIB_TOKENS_HELP),
+    calibration_tokens: int = typer.Option(None, "--calibration-tokens", min=1, help=CALIB_TOKENS_HELP),
     old_include: str = typer.Option(None, "--include", hidden=True),
 ) -> None:
     """Quantize and entropy-code a model into a .ggz file (a folder's config and tokenizer files go inside)."""

@@ -180,12 +180,11 @@ def calibration_weights(
                               f"({_first_line(e)}); pass --calibration none") from e
     first = {id(p): k for k, p in model.named_parameters()}  # tied parameters share one weight
     params = {k: got.get(first[id(p)], np.nan) for k, p in model.named_parameters(remove_duplicate=False)}
-    out, src = {}, open_source(path)
-    for name in floating_names(src):
+    out, names = {}, floating_names(open_source(path))
+    for name in names:
         hits = [k for k in params if k == name or k.endswith("." + name) or name.endswith("." + k)]
         if len(hits) == 1 and np.isfinite(params[hits[0]]) and params[hits[0]] > 0:
             out[name] = float(params[hits[0]])
-    names = floating_names(src)
     if len(out) < len(names) / 2:
         raise AllocationError(f"{path}: only {len(out)} of {len(names)} tensors match the parameters of the "
                               f"{type(model).__name__} built from its config; no calibration")
