@@ -287,26 +287,34 @@ def methods(p: dict, nnc: bool, qps: tuple[int, ...] = NNC_QPS) -> list[tuple[st
     ms += [("ggprior-alloc", f"B{b}", b) for b in p["targets"]]
     ms += [("ggprior-alloc-rows", f"B{b}", b) for b in p.get("row_targets", p["targets"])]
     ms += [("ggprior-alloc-trellis", f"B{b}", b) for b in p.get("trellis_targets", p["targets"])]
+    ms += [("ggprior-alloc-channels", f"B{b}", b) for b in p.get("channel_targets", p["targets"])]
+    ms += [("ggprior-alloc-trellis-channels", f"B{b}", b) for b in p.get("channel_targets", p["targets"])]
     return ms
 
 
-def m_trellis_alloc(tens: dict[str, torch.Tensor], target: float, weights) -> tuple[dict, dict]:
-    """Reconstructions and stored bits of each tensor in a ``.ggz`` written at ``target`` bits/weight with the
-    trellis (the file's bytes of the tensor, plus its step and, for a scalar fallback, its GG parameters)."""
+def m_file_alloc(tens: dict[str, torch.Tensor], target: float, weights, trellis: bool = True,
+                 scales=None) -> tuple[dict, dict]:
+    """Reconstructions and stored bits of each tensor in a ``.ggz`` written at ``target`` bits/weight (with the
+    trellis, and/or channel scales: the file's bytes of the tensor, its scales included, plus its step and, for a
+    scalar entry, its GG parameters)."""
     import tempfile
 
     from ggprior.codec import load_compressed, save_compressed, stored_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
-        h = save_compressed(tens, f"{tmp}/m.ggz", target_bits=target, trellis=True, weights=weights)
+        h = save_compressed(tens, f"{tmp}/m.ggz", target_bits=target, trellis=trellis, weights=weights,
+                            channel_scales=scales)
         back = load_compressed(f"{tmp}/m.ggz")
     bits = {e["name"]: 8.0 * stored_bytes(e) + 32 + (96 if e["encoding"] == "quantized" else 0) for e in h["tensors"]}
     return {k: back[k].float() for k in tens}, bits
 
 
 def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, model=None, quality=None,
-              weights=None, row_weights=None, log=print, ms: list[tuple[str, str, object]] | None = None) -> dict:
-    """Every method of ``ms`` (default: ``methods(p, nnc)``) on ``tens``; with ``model``, quality of the decoded model."""
+              weights=None, row_weights=None, log=print, ms: list[tuple[str, str, object]] | None = None,
+              channel_fisher=None) -> dict:
+    """Every method of ``ms`` (default: ``methods(p, nnc)``) on ``tens``; with ``model``, quality of the decoded model.
+    ``channel_fisher``: name -> (row means, column means) of the Fisher, for the ``-channels`` families (the
+    library's default channel scales, ``calibration_weights(channels=True)``'s rule)."""
     ms = methods(p, nnc) if ms is None else ms
     n = sum(t.numel() for t in tens.values())
     res = {"model": label, "tensors": len(tens), "weights": n, "points": [], "per_tensor": []}
@@ -325,7 +333,11 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
             al = A.allocate([copy.copy(m) for m in models_r.values()], arg, per_row=True, tensors=tens)
             steps, gaps = al.steps, {r["name"]: r for r in al.rows}
         elif fam == "ggprior-alloc-trellis":
-            tr_recon, tr_bits = m_trellis_alloc(tens, arg, weights)
+            tr_recon, tr_bits = m_file_alloc(tens, arg, weights)
+        elif fam.endswith("-channels"):
+            cw, scales = channel_weights(weights, channel_fisher)
+            tr_recon, tr_bits = m_file_alloc(tens, arg, cw, trellis=fam == "ggprior-alloc-trellis-channels",
+                                             scales=scales)
         recon, bits, rows = {}, 0.0, []
         for k, w in tens.items():
             if fam == "gguf":
@@ -338,7 +350,7 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
                 r, b = m_nncodec(w, arg)
             elif fam == "ggprior-rel":
                 r, b = m_step(w, quant.step_for_rel_error(w, arg, name=k), k)
-            elif fam == "ggprior-alloc-trellis":
+            elif fam == "ggprior-alloc-trellis" or fam.endswith("-channels"):
                 r, b = tr_recon[k], tr_bits[k]
             else:
                 r, b = m_step(w, steps[k], k)
@@ -372,6 +384,14 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
             + (f", quality {pt['quality']:.5f}" if "quality" in pt else "")
             + (f", KL {pt['kl']:.5f}" if "kl" in pt else "") + f" ({pt['seconds']:.0f} s)")
     return res
+
+
+def channel_weights(weights: dict, fisher: dict) -> tuple[dict, dict]:
+    """The weights of the scaled tensors and their channel scales (as ``calibration_weights(channels=True)``)."""
+    from ggprior.codec.channels import channel_scales, weight_factor
+
+    scales = {k: channel_scales(*f) for k, f in fisher.items() if float(np.mean(f[0])) > 0}
+    return {k: w * (weight_factor(scales[k], *fisher[k]) if k in scales else 1.0) for k, w in weights.items()}, scales
 
 
 def _measured(q: float | dict) -> dict:
@@ -454,7 +474,7 @@ def _equal_at(peers: list[dict], ours: dict[str, list], key: str, higher: bool, 
     for q in peers:
         need = {f: _interp_bits_at(v, key, q[key], higher) for f, v in ours.items()}
         best_f = min(need, key=need.get)
-        scalar = min((b for f, b in need.items() if f != "ggprior-alloc-trellis"), default=math.inf)
+        scalar = min((b for f, b in need.items() if "trellis" not in f), default=math.inf)
         rows.append({"peer": q["method"], "setting": q["setting"], "peer_bits": q["bits"], "peer_quality": q["quality"],
                      **({"peer_kl": q["kl"]} if "kl" in q else {}),
                      **{f"{f}_bits": b for f, b in need.items()}, "best_ggprior": best_f,
@@ -473,7 +493,7 @@ def goals(res: dict) -> dict:
     for q in pts:
         fam.setdefault(q["method"], []).append(q)
     out = {}
-    ours = {f: fam[f] for f in ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-rel", "ggprior-alloc-trellis") if f in fam}
+    ours = {f: fam[f] for f in OURS if f in fam}
     peers = [q for f in ("gguf", "nf4", "int8", "nncodec") for q in fam.get(f, [])]
     if "quality" in pts[0]:
         higher = res["model"].startswith("minilm")
@@ -507,7 +527,8 @@ def goals(res: dict) -> dict:
 
 STYLE = {"gguf": ("s", "C0"), "nf4": ("^", "C1"), "int8": ("v", "C2"), "fp8-e4m3": ("x", "C3"),
          "fp8-e4m3-scaled": ("+", "C3"), "nncodec": ("D", "C4"), "ggprior-rel": ("o", "C5"),
-         "ggprior-alloc": ("*", "C6"), "ggprior-alloc-rows": ("P", "C7"), "ggprior-alloc-trellis": ("X", "C8")}
+         "ggprior-alloc": ("*", "C6"), "ggprior-alloc-rows": ("P", "C7"), "ggprior-alloc-trellis": ("X", "C8"),
+         "ggprior-alloc-channels": ("h", "C9"), "ggprior-alloc-trellis-channels": ("X", "k")}
 
 
 def plot(results: list[dict], path: Path) -> Path:
@@ -712,6 +733,8 @@ def goal_lines(results: list[dict]) -> list[str]:
 
 
 MODELS = ("synthetic", "minilm", "smollm2")
+OURS = ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-rel", "ggprior-alloc-trellis", "ggprior-alloc-channels",
+        "ggprior-alloc-trellis-channels")
 
 
 def selected(q: dict, families: list[str]) -> bool:
@@ -784,7 +807,8 @@ def main() -> None:
         tens = matrices(model, p["minilm_max"])
         w = sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens)
         wr = sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_row=True)
-        results.append(run_model(MODEL_LABEL["minilm"], tens, p, nnc, model, quality, w, wr, ms=ms))
+        wc = sensitivity_weights(model, calib, loss_fn=loss_fn, names=tens, per_channel=True)
+        results.append(run_model(MODEL_LABEL["minilm"], tens, p, nnc, model, quality, w, wr, ms=ms, channel_fisher=wc))
         del model
     if "smollm2" in models and not a.skip_smollm2 and not a.quick:
         model, quality, calib, _ = smollm2(p)
@@ -792,9 +816,10 @@ def main() -> None:
         # the library's default for a model folder (ggprior compress --calibration): the Fisher of its own outputs
         w = sensitivity_weights(model, calib, kind="fisher", names=tens)
         wr = sensitivity_weights(model, calib, kind="fisher", names=tens, per_row=True)
+        wc = sensitivity_weights(model, calib, kind="fisher", names=tens, per_channel=True)
         # alloc-rows only when asked for (--families): its per-row allocation takes 2-10 min a point on SmolLM2
         results.append(run_model(MODEL_LABEL["smollm2"], tens, p, nnc, model, quality, w, wr,
-                                 ms=[m for m in ms if m[0] != "ggprior-alloc-rows" or fams]))
+                                 ms=[m for m in ms if m[0] != "ggprior-alloc-rows" or fams], channel_fisher=wc))
         results[-1].update(eval_tokens=p["lm_tokens"], eval_block=p["lm_block"], calib_tokens=p["lm_calib"] * p["lm_block"])
     meta = {"command": command_line(), "seconds": time.time() - t_start, "quick": a.quick, "params": p,
             "nncodec_error": nnc_err if not a.skip_nncodec else "skipped (--skip-nncodec)"}

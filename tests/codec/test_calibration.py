@@ -125,6 +125,23 @@ def test_calibration_weights_of_a_causal_lm_and_an_encoder(gpt2_folder, bert_fol
     assert w1 != w2
 
 
+def test_calibration_channel_scales_of_a_causal_lm_and_an_encoder(gpt2_folder, bert_folder):
+    from ggprior.codec.channels import COARSER, ChannelScales
+
+    for folder in (gpt2_folder, bert_folder):
+        plain = calibration_weights(folder, [TEXT], tokens=100, block=64)
+        w, scales = calibration_weights(folder, [TEXT], tokens=100, block=64, channels=True)
+        assert set(w) == set(plain) and scales and set(scales) <= set(w)
+        assert all(isinstance(s, ChannelScales) and s.rows.size > 1 for s in scales.values())
+        assert any(w[k] != plain[k] for k in scales)  # the weights of the scaled tensors
+        assert all(w[k] == plain[k] for k in w if k not in scales)
+    # the encoder's word embeddings: rows of tokens the text never uses get the mean sensitivity's code
+    emb = scales["embeddings.word_embeddings.weight"]
+    unused = [WORDS.index("[PAD]"), WORDS.index("[MASK]")]  # ("." is [UNK]; [CLS], [SEP] wrap each block)
+    assert len({int(emb.rows[i]) for i in unused}) == 1
+    assert emb.rows[unused[0]] < round(8 * COARSER)  # not the coarsest step, as a zero Fisher would give
+
+
 def test_calibration_weights_errors(tmp_path, gpt2_folder):
     with pytest.raises(AllocationError, match="no tokens"):
         calibration_weights(gpt2_folder, [""], tokens=100)
@@ -172,6 +189,25 @@ def test_cli_compress_calibrates_a_model_folder(tmp_path, gpt2_folder):
     w = calibration_weights(gpt2_folder, [TEXT], tokens=200)
     a, b = max(calibrated, key=w.get), min(calibrated, key=w.get)
     assert calibrated[a] / calibrated[b] < uniform[a] / uniform[b]
+
+
+def test_cli_channel_scales(tmp_path, gpt2_folder):
+    run = CliRunner().invoke
+    args = [str(gpt2_folder), "--target-bits", "4", "--select", "matrices", "--calibration-tokens", "200"]
+    r = run(app, ["compress", args[0], str(tmp_path / "s.ggz"), *args[1:]])
+    assert r.exit_code == 0, r.output
+    assert "steps shaped per row and column" in " ".join(r.output.split())
+    h = read_header(tmp_path / "s.ggz")
+    assert h["version"] == 3 and any("channel_scales" in e for e in h["tensors"])
+    r = run(app, ["compress", args[0], str(tmp_path / "n.ggz"), *args[1:], "--no-channel-scales"])
+    assert r.exit_code == 0, r.output
+    h = read_header(tmp_path / "n.ggz")
+    assert h["version"] == 2 and not any("channel_scales" in e for e in h["tensors"])
+    out = tmp_path / "x.ggz"
+    r = run(app, ["compress", args[0], str(out), "--rel-error", "0.01", "--channel-scales"])
+    assert r.exit_code != 0 and "--channel-scales shape the allocation" in r.output and not out.exists()
+    r = run(app, ["compress", args[0], str(out), "--target-bits", "4", "--calibration", "none", "--channel-scales"])
+    assert r.exit_code != 0 and "--calibration none turns off" in " ".join(r.output.split()) and not out.exists()
 
 
 def test_cli_calibration_errors(tmp_path, gpt2_folder):

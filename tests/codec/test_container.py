@@ -155,7 +155,7 @@ def test_clear_errors_for_common_damage(tmp_path):
     cases = {
         "not a .ggz file": b"PK\x03\x04" + good[4:],
         "too short": good[:10],
-        "unsupported .ggz version": good[:8] + struct.pack("<I", 3) + good[12:],
+        "unsupported .ggz version": good[:8] + struct.pack("<I", 4) + good[12:],
         "header checksum": good[:40] + bytes([good[40] ^ 1]) + good[41:],
         "truncated or padded": good[:-1],
         "stream checksum": good[:-5] + bytes([good[-5] ^ 0x10]) + good[-4:],

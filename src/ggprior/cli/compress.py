@@ -23,6 +23,8 @@ CALIBRATION_HELP = ("text the model is run on to weigh each tensor in the --targ
                     "Fisher information of its own outputs): a UTF-8 text file, a shipped corpus (bbc-lm, dialog-lm), "
                     "or none (every tensor alike); default bbc-lm for a model folder, none for a bare weights file")
 CALIB_TOKENS_HELP = "tokens of calibration text (blocks of 256; default 4096)"
+CHANNELS_HELP = ("shape each matrix's step per row and column by the Fisher information of the calibration (a few bits "
+                 "a row and column; docs/results/channel_scales); default on wherever the allocation is calibrated")
 PER_ROW_HELP = ("give every row (dim 0) of each matrix its own step with the --rel-error (default 0.005) on that row "
                 "(steps stored as bfloat16, about 11 bits a row)")
 SIZE_HELP = ("size of the whole .ggz file (300MB, 1.5GiB or bytes; header, side files and tables included): steps "
@@ -46,9 +48,9 @@ def _step_args(step: float | None, bits: int | None, rel_error: float | None) ->
     return {"step": step, "bits": bits, "rel_error": rel_error}
 
 
-def _calibrated(source: str, spec: str | None, tokens: int | None) -> tuple[dict[str, float] | None, str]:
-    """Sensitivity weights for a target's allocation (the model folder run on the calibration text, or None) and
-    a note saying which."""
+def _calibrated(source: str, spec: str | None, tokens: int | None, channels: bool | None) -> tuple[dict | None, dict | None, str]:
+    """Sensitivity weights for a target's allocation (the model folder run on the calibration text, or None), its
+    channel scales (``channels`` not False; or None), and a note saying which."""
     from ..codec.allocate import AllocationError
     from ..codec.sensitivity import CALIBRATION_TOKENS, calibration_weights
     from ..io.sources import BUILTIN_MODELS, builtin_model_dir
@@ -56,19 +58,24 @@ def _calibrated(source: str, spec: str | None, tokens: int | None) -> tuple[dict
 
     folder = builtin_model_dir(source) if source in BUILTIN_MODELS else Path(source)
     runnable = (folder / "config.json").is_file()
+    if channels and (spec == "none" or not runnable):
+        fail(f"--channel-scales come from the calibration, which {'--calibration none turns off' if spec == 'none' else f'needs a model folder ({source} is not one)'}")
     if spec == "none":
-        return None, "every tensor weighs the same in the allocation (--calibration none)"
+        return None, None, "every tensor weighs the same in the allocation (--calibration none)"
     if spec is None and not runnable:
-        return None, (f"every tensor weighs the same in the allocation: {source} is not a model folder with a "
-                      "config.json to run on calibration text")
+        return None, None, (f"every tensor weighs the same in the allocation: {source} is not a model folder with a "
+                            "config.json to run on calibration text")
     if not runnable:
         fail(f"{source}: --calibration runs the model, which needs a Hugging Face folder with a config.json and tokenizer")
     tokens = tokens or CALIBRATION_TOKENS
     try:
-        w = calibration_weights(folder, calibration_texts(spec or "bbc-lm"), tokens=tokens, progress=True)
+        got = calibration_weights(folder, calibration_texts(spec or "bbc-lm"), tokens=tokens, progress=True,
+                                  channels=channels is not False)
     except (AllocationError, DataError) as e:
         fail(str(e))
-    return w, f"allocation weighted by the model's Fisher information on {spec or 'bbc-lm'} ({tokens:,} tokens)"
+    w, scales = got if channels is not False else (got, None)
+    how = ", steps shaped per row and column" if scales else ""
+    return w, scales, f"allocation weighted by the model's Fisher information on {spec or 'bbc-lm'} ({tokens:,} tokens{how})"
 
 
 def _select(select: str) -> str:
@@ -96,6 +103,7 @@ def compress_cmd(
     trellis: bool = typer.Option(False, "--trellis", help=TRELLIS_HELP),
     calibration: str = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
     calibration_tokens: int = typer.Option(None, "--calibration-tokens", min=1, help=CALIB_TOKENS_HELP),
+    channel_scales: bool = typer.Option(None, "--channel-scales/--no-channel-scales", help=CHANNELS_HELP),
     old_include: str = typer.Option(None, "--include", hidden=True),
 ) -> None:
     """Quantize and entropy-code a model into a .ggz file (a folder's config and tokenizer files go inside)."""
@@ -116,14 +124,17 @@ def compress_cmd(
         fail("--per-row takes --rel-error (default 0.005), not --step or --bits")
     if calibration is not None and not targets:
         fail("--calibration weighs the allocation of --target-bits or --target-size; give one of them")
+    if channel_scales is not None and not targets:
+        fail("--channel-scales shape the allocation of --target-bits or --target-size; give one of them")
     check_output(out, (source,), overwrite=overwrite)
     from ..codec import save_compressed, stored_bytes
 
     try:
-        weights, note = _calibrated(source, calibration, calibration_tokens) if targets else (None, "")
+        weights, scales, note = (_calibrated(source, calibration, calibration_tokens, channel_scales) if targets
+                                 else (None, None, ""))
         header = save_compressed(source, out, coder=coder, include=_select(select), gg_fit=gg_fit, progress=True,
                                  jobs=jobs, lossless=lossless, target_bits=target_bits, target_size=target_size,
-                                 per_row=per_row, trellis=trellis, weights=weights, **rule)
+                                 per_row=per_row, trellis=trellis, weights=weights, channel_scales=scales, **rule)
     except _errors() as e:
         fail(str(e))
     kind = "lossless" if lossless else "trellis" if trellis else "quantized"

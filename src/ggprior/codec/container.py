@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import fixed, lossless, rans, registry, trellis
+from . import channels, fixed, lossless, rans, registry, trellis
 from . import quantizer as quant
 from .bits import CodingError
 from .ggmodel import GGParams
@@ -72,6 +72,11 @@ def default_max_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 36
+
+
+def _in_range(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float64 values cast to ``dtype``, a value past its range decoding to its maximum, not inf."""
+    return v.clamp_(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
 
 
 def _from_raw(buf: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -211,13 +216,18 @@ class Reader:
         bounds, decode = self._chunk_decoder(e)
         rows = self.row_steps(e)
         row_len = out.numel() // shape[0] if rows is not None else 0
+        factors = self.channel_factors(e)
 
         def put(i: int) -> None:  # dequantized a piece at a time: float64 temporaries of one piece only
             q = torch.from_numpy(decode(i))
             for a, b in chunk_bounds(q.numel(), PIECE_VALUES):
                 lo, hi = bounds[i][0] + a, bounds[i][0] + b
-                out[lo:hi] = quant.dequantize(q[a:b], e["step"] if rows is None else
-                                              quant.expand_rows(rows, row_len, lo, hi), dtype)
+                s = e["step"] if rows is None else quant.expand_rows(rows, row_len, lo, hi)
+                if factors is None:
+                    out[lo:hi] = quant.dequantize(q[a:b], s, dtype)
+                else:
+                    out[lo:hi] = _in_range(quant.dequantize(q[a:b], channels.expand(lo, hi - lo, factors, s),
+                                                            torch.float64), dtype)
 
         list(self._pool.map(put, range(len(bounds))))
         return out.reshape(shape)
@@ -231,6 +241,18 @@ class Reader:
             p = fixed.decode(self.stream(r, f"tensor {e['name']!r} row steps"), e["shape"][0], r["qmin"], r["width"])
             return torch.from_numpy(quant.row_steps_from_patterns(p, "row steps").astype(np.float64))
         except (CodingError, quant.QuantError) as err:
+            raise ContainerError(f"{self.path}: tensor {e['name']!r}: {err}") from err
+
+    def channel_factors(self, e: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A quantized or trellis entry's row and column step factors (float64), or None without channel scales."""
+        r = e.get("channel_scales")
+        if r is None:
+            return None
+        rows, cols = e["shape"][0], math.prod(e["shape"][1:])
+        try:
+            return channels.decode(self.stream(r, f"tensor {e['name']!r} channel scales"), rows, cols, r["qmin"],
+                                   r["width"]).factors()
+        except CodingError as err:
             raise ContainerError(f"{self.path}: tensor {e['name']!r}: {err}") from err
 
     def _lossless(self, e: dict) -> torch.Tensor:
@@ -256,6 +278,7 @@ class Reader:
         tag = f"{self.path}: tensor {e['name']!r}"
         out = torch.empty(math.prod(e["shape"]), dtype=DTYPES[e["dtype"]][0])
         starts = np.cumsum([0] + [c["n"] for c in e["chunks"]])
+        factors = self.channel_factors(e)
 
         def put(i: int) -> None:
             c = e["chunks"][i]
@@ -266,8 +289,10 @@ class Reader:
             if dq.step != e["step"] or dq.n_states != e["states"]:
                 raise ContainerError(f"{tag}: chunk {i} has step {dq.step!r} and {dq.n_states} states, the entry "
                                      f"{e['step']!r} and {e['states']}")
-            top = float(torch.finfo(out.dtype).max)  # a level past the dtype's range decodes to its maximum, not inf
-            out[starts[i] : starts[i + 1]] = torch.from_numpy(dq.values()).clamp_(-top, top).to(out.dtype)
+            v = torch.from_numpy(dq.values())
+            if factors is not None:
+                v = v * channels.expand(int(starts[i]), v.numel(), factors)
+            out[starts[i] : starts[i + 1]] = _in_range(v, out.dtype)
 
         list(self._pool.map(put, range(len(e["chunks"]))))
         return out
@@ -332,11 +357,17 @@ def load_compressed(
 
 def load_integers(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, float | torch.Tensor]]:
     """The quantized tensors of a .ggz file as ``name -> (int32 integers in shape, step)``; the step of a
-    per-row entry is a float64 tensor of one step per row."""
+    per-row entry is a float64 tensor of one step per row, that of an entry with channel scales a float64
+    tensor of the tensor's shape (``step u_i v_j``), so ``q * step`` is the decoded tensor either way."""
     with Reader(path) as r:
-        return {e["name"]: (torch.from_numpy(r.integers(e["name"])).reshape(tuple(e["shape"])),
-                            e["step"] if "step" in e else r.row_steps(e))
+        return {e["name"]: (torch.from_numpy(r.integers(e["name"])).reshape(tuple(e["shape"])), _steps(r, e))
                 for e in r.header["tensors"] if e["encoding"] == "quantized"}
+
+
+def _steps(r: Reader, e: dict) -> float | torch.Tensor:
+    if (f := r.channel_factors(e)) is not None:
+        return (e["step"] * f[0][:, None] * f[1][None, :]).reshape(tuple(e["shape"]))
+    return e["step"] if "step" in e else r.row_steps(e)
 
 
 def inspect_rows(path: str | os.PathLike) -> list[dict]:
@@ -354,10 +385,16 @@ def inspect_rows(path: str | os.PathLike) -> list[dict]:
                 row["gg_gamma"] = e["gg"][2]
         elif e["encoding"] == "trellis":
             row.update(coder=f"trellis-{e['states']}", step=e["step"])
+        elif e["encoding"] == "quantized" and "channel_scales" in e:  # the step before the channel factors
+            row["step"] = e["step"]
+            if "gg" in e:
+                row["gg_gamma"] = e["gg"][2]
         elif e["encoding"] == "quantized":
             row["step"] = e["step"]
             if "gg" in e:
                 mu, beta, gamma = e["gg"]
                 row.update(gg_mu=mu * e["step"], gg_beta=beta * e["step"], gg_gamma=gamma)
+        if "channel_scales" in e:
+            row["coder"] += " channel-scaled"
         rows.append(row)
     return rows

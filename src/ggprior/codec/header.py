@@ -14,13 +14,15 @@ import zlib
 import numpy as np
 import torch
 
+from . import channels, rans, registry, trellis
 from . import quantizer as quant
-from . import rans, registry, trellis
 from .bits import CodingError
 
 MAGIC = b"GGZ\x00\r\n\x1a\n"
 VERSION = 2
-VERSIONS = (1, 2)
+VERSION_CHANNELS = 3
+"""The version of a file with channel scales (:mod:`.channels`), so that older readers refuse it; others are 2."""
+VERSIONS = (1, 2, 3)
 PREFIX = struct.Struct("<8sIII")
 HEADER_MAX = 16 << 20
 MAX_NDIM = 8
@@ -182,6 +184,28 @@ def _validate_v1(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
     return [(e["offset"], e["length"])]
 
 
+def _check_channel_scales(e: dict, tag: str, version: int) -> list[tuple[int, int]]:
+    """Channel scales (version 3): row then column codes, fl-coded, on a quantized (one ``step``) or trellis
+    entry of 2+ dimensions."""
+    if "channel_scales" not in e:
+        return []
+    r = e["channel_scales"]
+    if version < VERSION_CHANNELS:
+        raise ContainerError(f"{tag}: channel_scales in a version {version} file (they need version {VERSION_CHANNELS})")
+    if not isinstance(r, dict) or len(e["shape"]) < 2 or "row_steps" in e:
+        raise ContainerError(f"{tag}: channel_scales need a tensor of 2+ dimensions and no row_steps")
+    _check_stream(r, tag, "channel_scales ")
+    if not (is_int(r.get("qmin")) and abs(r["qmin"]) <= channels.CODE_MAX and is_int(r.get("width"))
+            and 1 <= r["width"] <= 8):
+        raise ContainerError(f"{tag}: invalid channel_scales parameters")
+    count = e["shape"][0] + math.prod(e["shape"][1:])
+    need = (count * r["width"] + 7) >> 3
+    if r["length"] != need:
+        raise ContainerError(f"{tag}: channel_scales stream of {r['length']} bytes; {count} codes of "
+                             f"{r['width']} bits need {need}")
+    return [(r["offset"], r["length"])]
+
+
 def _validate_lossless(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
     """A lossless entry (version 2): bf16/fp16/fp32, chunks ``{n, offset, length, crc32}`` covering the tensor."""
     if e["dtype"] not in LOSSLESS_DTYPES:
@@ -219,8 +243,12 @@ def _plain_chunks(e: dict, tag: str, numel: int, what: str) -> list[tuple[int, i
     return spans
 
 
-def _validate_v2(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
+def _validate_v2(e: dict, tag: str, numel: int, version: int = VERSION) -> list[tuple[int, int]]:
     enc = e.get("encoding")
+    if enc in ("quantized", "trellis"):
+        return _check_channel_scales(e, tag, version) + _validate_coded(e, tag, numel)
+    if "channel_scales" in e:
+        raise ContainerError(f"{tag}: channel_scales on a {enc!r} entry")
     if enc == "alias":
         if not isinstance(e.get("of"), str):
             raise ContainerError(f"{tag}: alias without a target name")
@@ -229,10 +257,12 @@ def _validate_v2(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
         return _validate_v1(e, tag, numel)
     if enc == "lossless":
         return _validate_lossless(e, tag, numel)
-    if enc == "trellis":
+    raise ContainerError(f"{tag}: unknown encoding {enc!r}")
+
+
+def _validate_coded(e: dict, tag: str, numel: int) -> list[tuple[int, int]]:
+    if e["encoding"] == "trellis":
         return _validate_trellis(e, tag, numel)
-    if enc != "quantized":
-        raise ContainerError(f"{tag}: unknown encoding {enc!r}")
     _check_quantized_common(e, tag, rows_allowed=True)
     if "gg" in e:
         _check_gg(e, tag)
@@ -313,8 +343,8 @@ def parse(mm: memoryview, size: int, where: str) -> tuple[dict, int]:
         if name in byname:
             raise ContainerError(f"{where}: duplicate tensor name {name!r}")
         byname[name] = e
-        check = _validate_v1 if version == 1 else _validate_v2
-        spans += [(o, n, name) for o, n in check(e, tag, numel)]
+        got = _validate_v1(e, tag, numel) if version == 1 else _validate_v2(e, tag, numel, version)
+        spans += [(o, n, name) for o, n in got]
     for e in tensors:
         if e["encoding"] == "alias":
             t = byname.get(e["of"])
@@ -357,6 +387,6 @@ def stored_bytes(e: dict) -> int:
     if e["encoding"] == "alias":
         return 0
     if "chunks" in e:
-        side = e.get("table", {}).get("length", 0) + e.get("row_steps", {}).get("length", 0)
+        side = sum(e.get(k, {}).get("length", 0) for k in ("table", "row_steps", "channel_scales"))
         return sum(c["length"] for c in e["chunks"]) + side
     return e["length"]

@@ -4,6 +4,7 @@ Face model folder on calibration text (:func:`calibration_weights`)."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .allocate import AllocationError
+from .channels import ChannelScales, channel_scales, weight_factor
 
 
 def sensitivity_weights(
@@ -23,8 +25,9 @@ def sensitivity_weights(
     loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
     names: Iterable[str] | None = None,
     per_row: bool = False,
+    per_channel: bool = False,
     seed: int = 0,
-) -> dict[str, float | np.ndarray]:
+) -> dict[str, float | np.ndarray | tuple[np.ndarray, np.ndarray]]:
     """Per-tensor sensitivity weights of a model's parameters from a few calibration batches.
 
     ``kind="fisher"``: the diagonal Fisher information of the model's own output distribution, the
@@ -36,7 +39,9 @@ def sensitivity_weights(
     ``kind="grad2"``: mean squared gradient of a loss per element (the empirical Fisher);
     ``loss_fn(model, batch)`` gives the loss (default: ``model(**batch).loss`` for dict batches
     with labels, else ``model(batch).loss``). With ``per_row`` the mean over each row of 2-D
-    tensors is returned (an array). ``kind="act"``: for every ``nn.Linear`` weight, the mean
+    tensors is returned (an array); with ``per_channel``, for tensors of 2+ dimensions, the means over each
+    row and over each column (dim 0 by the rest flattened) as a pair of arrays, the input of
+    :func:`ggprior.codec.channels.channel_scales` (their mean is the tensor's weight). ``kind="act"``: for every ``nn.Linear`` weight, the mean
     squared input activation (forward hooks), i.e. the output error power per unit weight error.
     Returns name -> weight (float, or array per row). ``seed`` seeds the Fisher's draws.
     """
@@ -75,7 +80,11 @@ def sensitivity_weights(
         out = {}
         for k, a in acc.items():
             a = a / nb
-            out[k] = a.mean(dim=1).numpy() if per_row and a.dim() == 2 else float(a.mean())
+            if per_channel and a.dim() >= 2:
+                a2 = a.reshape(a.shape[0], -1)
+                out[k] = (a2.mean(dim=1).numpy(), a2.mean(dim=0).numpy())
+            else:
+                out[k] = a.mean(dim=1).numpy() if per_row and a.dim() == 2 else float(a.mean())
         return out
     if kind == "act":
         power: dict[str, list] = {}
@@ -147,7 +156,8 @@ def calibration_weights(
     block: int = CALIBRATION_BLOCK,
     device: str | torch.device | None = None,
     progress: bool = False,
-) -> dict[str, float]:
+    channels: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, ChannelScales]]:
     """Fisher sensitivity weights (``kind="fisher"``) of a Hugging Face model folder's tensors on text.
 
     The model is built in float32 from the folder's config (its ``architectures`` class, else
@@ -156,6 +166,10 @@ def calibration_weights(
     the model does not hold, or one no calibration gradient reaches, gets the median weight).
     ``device``: default CUDA when available. Raises AllocationError naming the folder when the model or
     its tokenizer cannot be built or the text is empty.
+
+    ``channels=True`` also returns channel scales (:mod:`ggprior.codec.channels`) for every matched tensor of
+    2+ dimensions: ``(weights, scales)``, the weights of those tensors then being those of the scaled tensors
+    (:func:`~ggprior.codec.channels.weight_factor`), as ``save_compressed(weights=, channel_scales=)`` takes them.
     """
     from ..io import open_source
     from ..io.sources import floating_names
@@ -174,22 +188,34 @@ def calibration_weights(
 
         batches = tqdm(batches, desc=f"calibration ({len(batches)} blocks of {block} tokens)", unit="block")
     try:
-        got = sensitivity_weights(model, batches, kind="fisher")
+        got = sensitivity_weights(model, batches, kind="fisher", per_channel=channels)
     except (ValueError, TypeError, RuntimeError, IndexError) as e:  # e.g. an encoder-decoder wanting decoder inputs
         raise AllocationError(f"{path}: running the {type(model).__name__} on calibration text failed "
                               f"({_first_line(e)}); pass --calibration none") from e
     first = {id(p): k for k, p in model.named_parameters()}  # tied parameters share one weight
     params = {k: got.get(first[id(p)], np.nan) for k, p in model.named_parameters(remove_duplicate=False)}
-    out, names = {}, floating_names(open_source(path))
+    out, scales, src = {}, {}, open_source(path)
+    names = floating_names(src)
     for name in names:
         hits = [k for k in params if k == name or k.endswith("." + name) or name.endswith("." + k)]
-        if len(hits) == 1 and np.isfinite(params[hits[0]]) and params[hits[0]] > 0:
-            out[name] = float(params[hits[0]])
+        v = params[hits[0]] if len(hits) == 1 else np.nan
+        w = float(np.mean(v[0])) if isinstance(v, tuple) else float(v)
+        if not (np.isfinite(w) and w > 0):
+            continue
+        out[name] = w
+        if isinstance(v, tuple) and (v[0].size, v[1].size) == _rows_cols(src.shape(name)):
+            scales[name] = channel_scales(*v)
+            out[name] = w * weight_factor(scales[name], *v)
     if len(out) < len(names) / 2:
         raise AllocationError(f"{path}: only {len(out)} of {len(names)} tensors match the parameters of the "
                               f"{type(model).__name__} built from its config; no calibration")
     fill = float(np.median(list(out.values())))
-    return {k: out.get(k, fill) for k in names}
+    weights = {k: out.get(k, fill) for k in names}
+    return (weights, scales) if channels else weights
+
+
+def _rows_cols(shape) -> tuple[int, int]:
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (-1, -1)
 
 
 def _load_for_calibration(path: Path) -> tuple[nn.Module, object]:

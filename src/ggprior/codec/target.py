@@ -15,6 +15,7 @@ file cannot reach within 1 % raises :class:`~ggprior.codec.allocate.AllocationEr
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -22,13 +23,25 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..io.tensors import parse_size
 from . import allocate as alloc
-from . import ggmodel, rans, registry
+from . import channels, ggmodel, rans, registry
 from . import quantizer as quant
 from . import trellis as trellis_codec
+from .channels import ChannelScales
+from .header import (
+    _NAME_OF,
+    DTYPES,
+    FORMAT,
+    PREFIX,
+    TABLE_CODERS,
+    VERSION,
+    VERSION_CHANNELS,
+    ContainerError,
+    chunk_bounds,
+)
 from .histogram import histogram
 
-TABLE_CODERS = ("ans", "ans-hist")
 TOLERANCE = 0.002
 ROUNDS = 6
 SAMPLE = 1 << 17
@@ -72,14 +85,15 @@ def trellis_bits(t: torch.Tensor, step: float, *, coder: str = "ans", gg_fit: st
 def target_steps(
     tensors: Mapping[str, torch.Tensor], names: list[str], target_bits: float, *, coder: str = "ans",
     gg_fit: str = "moment", weights: Mapping[str, float] | None = None, chunk_values: int = 1 << 22,
-    trellis: bool = False, jobs: int = 1,
+    trellis: bool = False, jobs: int = 1, extra_bits: float = 0.0,
 ) -> tuple[dict[str, float], dict]:
     """Steps (name -> float32 step) of the tensors ``names`` meeting ``target_bits`` bits/weight, and a summary.
 
     ``tensors`` maps names to tensors (loaded on demand); ``weights`` are sensitivity weights per
     tensor (a float each; default 1). ``trellis=True``: the steps are the rules of the writer's trellis
     coding (:func:`trellis_bits`, ``jobs`` threads): the scalar allocation's steps, rescaled by one
-    factor until the trellis sizes meet the target. Raises QuantError naming a tensor with NaN/Inf
+    factor until the trellis sizes meet the target. ``extra_bits``: bits stored with these tensors besides
+    their streams (channel scales), counted in the size. Raises QuantError naming a tensor with NaN/Inf
     values and AllocationError for a target that cannot be met.
     """
     if coder not in TABLE_CODERS:
@@ -117,7 +131,7 @@ def target_steps(
     if target_bits >= raw_all:
         raise alloc.AllocationError(f"target of {target_bits:g} bits/weight is not below the raw size ({raw_all:g} "
                                     "bits/weight); store losslessly instead")
-    fixed_bits = size(fixed)
+    fixed_bits = size(fixed) + float(extra_bits)
     side = (fixed_bits + alloc.SIDE_BITS * len(models)) / n
     if target_bits <= side:
         raise alloc.AllocationError(f"target of {target_bits:g} bits/weight is not above the side information "
@@ -161,7 +175,7 @@ def target_steps(
                                                                  chunk_values=chunk_values), part))
                 return total
 
-            fixed_t = tsize(fixed)
+            fixed_t = tsize(fixed) + float(extra_bits)
 
             def bits_of(st: dict[str, float]) -> float:
                 return (fixed_t + tsize({k: st[k] for k in floor})) / n
@@ -195,3 +209,49 @@ def _met(steps: dict[str, float], got: float, target_bits: float, names: list[st
             f"over {len(names)} quantized tensors ({n:,} weights; tables and chunk states included)"
         )
     return steps, {"target_bits": float(target_bits), "bits": got, "weights": n}
+
+
+SIZE_AIM = 0.996
+"""A target size aims the quantized streams at this fraction of what is left, so the file lands within 1 % under."""
+
+
+def size_to_bits(src, quantized: list[str], aliases: dict, files: Mapping[str, bytes], meta: dict, coder: str,
+                  chunk_values: int, target_size: int | str, scales: Mapping[str, ChannelScales]) -> float:
+    """Bits/weight over the quantized tensors that make the whole file ``target_size``: the header bounded
+    with every written number at its longest (offsets and lengths at most the size), raw tensors and side
+    files counted exactly."""
+    size = parse_size(target_size)
+    worst, longest = -1.2345678901234567e-300, {"offset": size, "length": size, "crc32": 0xFFFFFFFF}
+    entries, fixed_bytes, qraw, n = [], 0, 0, 0
+    for k in src:
+        numel = math.prod(src.shape(k))
+        e = {"name": k, "shape": list(src.shape(k)), "dtype": _NAME_OF.get(src.dtype(k), "float64")}
+        nbytes = numel * DTYPES[e["dtype"]][0].itemsize
+        if k in aliases:
+            e.update(encoding="alias", of=aliases[k])
+        elif k in quantized:
+            n, qraw = n + numel, qraw + nbytes
+            e.update(encoding="quantized", coder=coder, step=worst, gg=[worst] * 3,
+                     table={"qmin": -quant.Q_LIMIT, "nsym": rans.NSYM_MAX, "prob_bits": rans.PROB_BITS, **longest},
+                     chunks=[{"n": chunk_values, "params": {}, "qcrc32": 0xFFFFFFFF, **longest}]
+                     * len(chunk_bounds(numel, chunk_values)))
+            if k in scales:
+                data, params = channels.encode(scales[k])
+                e["channel_scales"] = {**params, **longest}
+                fixed_bytes += len(data)
+        else:
+            e.update(encoding="raw", **longest)
+            fixed_bytes += nbytes
+        entries.append(e)
+    head = {"format": FORMAT, "version": VERSION_CHANNELS if scales else VERSION, "data_bytes": size, "metadata": meta, "tensors": entries,
+            "files": [{"name": k, **longest} for k in files]}
+    fixed_bytes += PREFIX.size + len(json.dumps(head, separators=(",", ":")).encode()) + sum(map(len, files.values()))
+    if not n:
+        raise ContainerError(f"{src.label}: target size {target_size} given, but no tensor is quantized")
+    if size >= fixed_bytes + qraw:
+        raise ContainerError(f"target size {target_size} ({size:,} bytes) is not below the raw file "
+                             f"({fixed_bytes + qraw:,} bytes); store losslessly or raw instead")
+    if SIZE_AIM * size <= fixed_bytes:
+        raise ContainerError(f"target size {target_size} ({size:,} bytes) is below the header, raw tensors and side "
+                             f"files alone ({fixed_bytes:,} bytes)")
+    return 8.0 * (SIZE_AIM * size - fixed_bytes) / n

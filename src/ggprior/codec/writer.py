@@ -23,11 +23,12 @@ from tqdm import tqdm
 from ..io.atomic import atomic_path
 from ..io.sources import open_source, side_files
 from ..io.tensors import parse_size
-from . import fixed, ggmodel, lossless, rans, registry
+from . import channels, fixed, ggmodel, lossless, rans, registry
 from . import quantizer as quant
 from . import trellis as trellis_codec
 from .allocate import AllocationError
 from .bits import CodingError
+from .channels import ChannelScales
 from .header import (
     _NAME_OF,
     CHUNK_MAX,
@@ -45,6 +46,7 @@ from .header import (
     PREFIX,
     TABLE_CODERS,
     VERSION,
+    VERSION_CHANNELS,
     ContainerError,
     check_file_name,
     check_file_set,
@@ -56,7 +58,7 @@ from .header import (
     stored_bytes,
 )
 from .histogram import Histogram, histogram
-from .target import target_steps
+from .target import size_to_bits, target_steps
 
 
 def default_jobs() -> int:
@@ -195,8 +197,10 @@ def _encode_trellis(t: torch.Tensor, name: str, rule: dict, coder: str, gg_fit: 
 
 
 def _step_rules(src, names: list[str], rule: dict, target_bits: float | None, coder: str, gg_fit: str,
-                weights: Mapping[str, float] | None, chunk_values: int, trellis: bool, jobs: int) -> dict[str, dict]:
-    """Each quantized tensor's step rule: the common ``rule``, or the steps of a ``target_bits`` allocation."""
+                weights: Mapping[str, float] | None, chunk_values: int, trellis: bool, jobs: int,
+                extra_bits: float = 0.0) -> dict[str, dict]:
+    """Each quantized tensor's step rule: the common ``rule``, or the steps of a ``target_bits`` allocation
+    (``extra_bits``: side information stored with the tensors besides their streams, the channel scales)."""
     if target_bits is None:
         if weights is not None:
             raise ContainerError("sensitivity weights are used only with target_bits")
@@ -204,50 +208,14 @@ def _step_rules(src, names: list[str], rule: dict, target_bits: float | None, co
     if not names:
         raise ContainerError(f"{src.label}: target_bits given, but no tensor is quantized")
     steps, _ = target_steps(src, names, target_bits, coder=coder, gg_fit=gg_fit, weights=weights,
-                            chunk_values=chunk_values, trellis=trellis, jobs=jobs)
+                            chunk_values=chunk_values, trellis=trellis, jobs=jobs, extra_bits=extra_bits)
     return {k: {"step": s, "bits": None, "rel": None} for k, s in steps.items()}
 
 
-SIZE_AIM = 0.996
-"""A target size aims the quantized streams at this fraction of what is left, so the file lands within 1 % under."""
-
-
-def _size_to_bits(src, quantized: list[str], aliases: dict, files: Mapping[str, bytes], meta: dict, coder: str,
-                  chunk_values: int, target_size: int | str) -> float:
-    """Bits/weight over the quantized tensors that make the whole file ``target_size``: the header bounded
-    with every written number at its longest (offsets and lengths at most the size), raw tensors and side
-    files counted exactly."""
-    size = parse_size(target_size)
-    worst, longest = -1.2345678901234567e-300, {"offset": size, "length": size, "crc32": 0xFFFFFFFF}
-    entries, fixed_bytes, qraw, n = [], 0, 0, 0
-    for k in src:
-        numel = math.prod(src.shape(k))
-        e = {"name": k, "shape": list(src.shape(k)), "dtype": _NAME_OF.get(src.dtype(k), "float64")}
-        nbytes = numel * DTYPES[e["dtype"]][0].itemsize
-        if k in aliases:
-            e.update(encoding="alias", of=aliases[k])
-        elif k in quantized:
-            n, qraw = n + numel, qraw + nbytes
-            e.update(encoding="quantized", coder=coder, step=worst, gg=[worst] * 3,
-                     table={"qmin": -quant.Q_LIMIT, "nsym": rans.NSYM_MAX, "prob_bits": rans.PROB_BITS, **longest},
-                     chunks=[{"n": chunk_values, "params": {}, "qcrc32": 0xFFFFFFFF, **longest}]
-                     * len(chunk_bounds(numel, chunk_values)))
-        else:
-            e.update(encoding="raw", **longest)
-            fixed_bytes += nbytes
-        entries.append(e)
-    head = {"format": FORMAT, "version": VERSION, "data_bytes": size, "metadata": meta, "tensors": entries,
-            "files": [{"name": k, **longest} for k in files]}
-    fixed_bytes += PREFIX.size + len(json.dumps(head, separators=(",", ":")).encode()) + sum(map(len, files.values()))
-    if not n:
-        raise ContainerError(f"{src.label}: target size {target_size} given, but no tensor is quantized")
-    if size >= fixed_bytes + qraw:
-        raise ContainerError(f"target size {target_size} ({size:,} bytes) is not below the raw file "
-                             f"({fixed_bytes + qraw:,} bytes); store losslessly or raw instead")
-    if SIZE_AIM * size <= fixed_bytes:
-        raise ContainerError(f"target size {target_size} ({size:,} bytes) is below the header, raw tensors and side "
-                             f"files alone ({fixed_bytes:,} bytes)")
-    return 8.0 * (SIZE_AIM * size - fixed_bytes) / n
+def _put_scales(e: dict, scales: ChannelScales | None, spool: _Spool) -> None:
+    if scales is not None:
+        data, params = channels.encode(scales)
+        e["channel_scales"] = {**params, **spool.put(data)}
 
 
 def save_compressed(
@@ -271,8 +239,10 @@ def save_compressed(
     per_row: bool = False,
     target_size: int | str | None = None,
     trellis: bool = False,
+    channel_scales: Mapping[str, ChannelScales] | None = None,
 ) -> dict:
-    """Quantize and entropy-code a model into a ``.ggz`` file (format version 2, written atomically).
+    """Quantize and entropy-code a model into a ``.ggz`` file (format version 2, written atomically; version 3
+    with channel scales).
 
     ``source`` is anything :func:`ggprior.io.open_source` accepts, a transformers model included:
     a folder's small non-weight files (config, tokenizer, ...) or a model's config are stored too
@@ -296,6 +266,11 @@ def save_compressed(
     at ``trellis.STEP_RATIO`` times the rule's step (about the scalar quantizer's MSE, ~0.17 bit/weight fewer),
     each tensor falling back to the scalar ``coder`` at the rule's step where that stream is smaller; with a
     target, the steps are rescaled to the trellis sizes; not with ``per_row`` or ``lossless``.
+    ``channel_scales`` (name -> :class:`~ggprior.codec.channels.ChannelScales`, from
+    ``calibration_weights(channels=True)``) shape a quantized tensor's step per row and column: the tensor
+    divided by its scales is what the step rule, the allocation and the coder see, and its codes are stored
+    (a few bits per row and column; scales of tensors stored raw or as aliases are not used); not with
+    ``per_row`` or ``lossless``.
     """
     coder = registry.check_coder(coder)
     modes = [k for k, v in (("lossless", lossless), ("target_bits", target_bits is not None),
@@ -304,6 +279,8 @@ def save_compressed(
         raise ContainerError(f"{modes[0]} and {modes[1]} exclude each other")
     if modes and (step is not None or bits is not None or rel_error is not None or per_row):
         raise ContainerError(f"{modes[0]} takes no step, bits, rel_error or per_row")
+    if channel_scales and (lossless or per_row):
+        raise ContainerError(f"channel_scales take a quantized mode, not {'lossless' if lossless else 'per_row'}")
     if trellis and (lossless or per_row):
         raise ContainerError(f"trellis takes step, bits, rel_error or a target, not {'lossless' if lossless else 'per_row'}")
     if per_row and (step is not None or bits is not None):
@@ -327,6 +304,11 @@ def save_compressed(
     aliases = src.aliases()
     quantized = [] if lossless else [k for k in src if k not in aliases and _NAME_OF.get(src.dtype(k)) in FLOAT_DTYPES
                                      and math.prod(src.shape(k)) and quant.is_included(k, tuple(src.shape(k)), include)]
+    try:
+        scales = channels.checked(src, quantized, channel_scales or {})
+    except CodingError as err:
+        raise ContainerError(str(err)) from err
+    qsrc = channels.ScaledSource(src, scales)
     meta = {"source": where, "coder": "lossless" if lossless else "trellis" if trellis else coder, "include": include,
             "step_rule": "lossless" if lossless else f"target_size={target_size}" if target_size is not None
             else f"target_bits={target_bits:g}" if target_bits is not None else quant.step_rule(step, bits, rel_error, per_row)}
@@ -335,9 +317,10 @@ def save_compressed(
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     try:
         if target_size is not None:
-            target_bits = _size_to_bits(src, quantized, aliases, files, meta, coder, chunk_values, target_size)
-        rules = _step_rules(src, quantized, rule, target_bits, coder, gg_fit, weights, chunk_values, trellis,
-                            jobs or default_jobs())
+            target_bits = size_to_bits(src, quantized, aliases, files, meta, coder, chunk_values, target_size,
+                                        scales)
+        rules = _step_rules(qsrc, quantized, rule, target_bits, coder, gg_fit, weights, chunk_values, trellis,
+                            jobs or default_jobs(), sum(8.0 * len(channels.encode(c)[0]) for c in scales.values()))
     except (AllocationError, CodingError) as err:
         if target_size is None:
             raise
@@ -364,20 +347,22 @@ def save_compressed(
                 except CodingError as err:
                     raise ContainerError(f"{tag}: {err}") from err
             elif name in rules and trellis:
+                _put_scales(e, scales.get(name), spool)
                 try:
-                    e.update(_encode_trellis(src[name], name, rules[name], coder, gg_fit, pool, spool, chunk_values))
+                    e.update(_encode_trellis(qsrc[name], name, rules[name], coder, gg_fit, pool, spool, chunk_values))
                 except (CodingError, quant.QuantError) as err:
                     raise ContainerError(f"{tag}: {err}") from err
             elif name in rules:
+                _put_scales(e, scales.get(name), spool)
                 try:
-                    e.update(_encode_tensor(src[name], name, coder, rules[name], gg_fit, pool, spool, chunk_values))
+                    e.update(_encode_tensor(qsrc[name], name, coder, rules[name], gg_fit, pool, spool, chunk_values))
                 except CodingError as err:
                     raise ContainerError(f"{tag}: {err}") from err
             else:
                 e.update(encoding="raw", **spool.put(_raw_bytes(src[name])))
             entries.append(e)
         stored = [{"name": k, **spool.put(v)} for k, v in files.items()]
-        header = {"format": FORMAT, "version": VERSION, "data_bytes": spool.size, "metadata": meta,
+        header = {"format": FORMAT, "version": VERSION_CHANNELS if scales else VERSION, "data_bytes": spool.size, "metadata": meta,
                   "tensors": entries, "files": stored}
         hbytes = json.dumps(header, separators=(",", ":")).encode()
         if len(hbytes) > HEADER_MAX:
@@ -387,7 +372,7 @@ def save_compressed(
                                  f"{PREFIX.size + len(hbytes) + spool.size:,} bytes (nothing written)")
         f.seek(0)
         with written(path), atomic_path(path) as tmp, open(tmp, "wb") as out:
-            out.write(PREFIX.pack(MAGIC, VERSION, len(hbytes), crc(hbytes)))
+            out.write(PREFIX.pack(MAGIC, header["version"], len(hbytes), crc(hbytes)))
             out.write(hbytes)
             shutil.copyfileobj(f, out, 1 << 22)
     header["file_bytes"] = PREFIX.size + len(hbytes) + spool.size
