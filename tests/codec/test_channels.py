@@ -14,9 +14,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch import nn
 
-from ggprior.codec import ContainerError, inspect_rows, load_compressed, load_integers, read_header, save_compressed
+from ggprior.codec import (
+    ContainerError,
+    container,
+    inspect_rows,
+    load_compressed,
+    load_integers,
+    read_header,
+    save_compressed,
+)
 from ggprior.codec import channels as ch
-from ggprior.codec import container
 from ggprior.codec.bits import CodingError
 from ggprior.codec.sensitivity import sensitivity_weights
 
