@@ -611,12 +611,15 @@ def readme(results: list[dict], meta: dict) -> str:
             L += [f"Equal {what}: bits ggprior needs (interpolated on its curves{', in log KL' if prefix else ''}) / "
                   "bits of the peer:", "",
                   f"| peer | setting | peer bits | peer {'KL' if prefix else qlab} | alloc bits | alloc-rows bits | "
-                  "rel bits | alloc-trellis bits | best ratio without trellis | best ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "rel bits | alloc-trellis bits | alloc-channels bits | alloc-trellis-channels bits | "
+                  "best ratio without trellis | best ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for e in g[f"{prefix}equal_quality"]:
                 L.append(f"| {e['peer']} | {e['setting']} | {e['peer_bits']:.3f} | {e[key]:.5f} | "
                          f"{fmt(e.get('ggprior-alloc_bits'))} | {fmt(e.get('ggprior-alloc-rows_bits'))} | "
                          f"{fmt(e.get('ggprior-rel_bits'))} | {fmt(e.get('ggprior-alloc-trellis_bits'))} | "
+                         f"{fmt(e.get('ggprior-alloc-channels_bits'))} | "
+                         f"{fmt(e.get('ggprior-alloc-trellis-channels_bits'))} | "
                          f"{fmt(e.get('ratio_without_trellis'))} | {fmt(e['ratio'])} |")
             L += [""]
         if "same_as_reference" in g:
@@ -632,13 +635,15 @@ def readme(results: list[dict], meta: dict) -> str:
         if g.get("sqnr_vs_gguf"):
             L += ["Median SQNR at each GGUF quant's size: ggprior's curves interpolated there, or their best point "
                   "below it (a ggprior file of the same or smaller size):", "",
-                  "| GGUF | bits | GGUF dB | rel dB | alloc dB | alloc-rows dB | alloc-trellis dB |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| GGUF | bits | GGUF dB | rel dB | alloc dB | alloc-rows dB | alloc-trellis dB | "
+                  "alloc-trellis-channels dB |",
+                  "|---|---|---|---|---|---|---|---|"]
             for e in g["sqnr_vs_gguf"]:
                 L.append(f"| {e['gguf']} | {e['bits']:.2f} | {e['gguf_median_sqnr_db']:.2f} | "
                          f"{fmt(e.get('ggprior-rel_median_sqnr_db'), 2)} | {fmt(e.get('ggprior-alloc_median_sqnr_db'), 2)} | "
                          f"{fmt(e.get('ggprior-alloc-rows_median_sqnr_db'), 2)} | "
-                         f"{fmt(e.get('ggprior-alloc-trellis_median_sqnr_db'), 2)} |")
+                         f"{fmt(e.get('ggprior-alloc-trellis_median_sqnr_db'), 2)} | "
+                         f"{fmt(e.get('ggprior-alloc-trellis-channels_median_sqnr_db'), 2)} |")
             L += [""]
         if "gap_to_slb_bits_median" in g:
             L += [f"Distance of uniform scalar quantization + ideal entropy coding to the Shannon lower bound "
@@ -672,6 +677,11 @@ def readme(results: list[dict], meta: dict) -> str:
           "* `ggprior-alloc-trellis` is written and read back through `save_compressed(target_bits=B, trellis=True, "
           "weights=...)`: its bits are the file's own bytes per tensor (trellis payloads with their tables and head, or "
           "a scalar fallback's table and chunks) plus 32 bits of step (96 more for a fallback's GG), not a model rate.",
+          "* `ggprior-alloc-channels` and `ggprior-alloc-trellis-channels` are the same files with channel scales "
+          "(`save_compressed(channel_scales=...)`, the library's rule and clamps, `codec/channels.py`): each matrix's "
+          "step shaped per row and column by the Fisher's (SmolLM2) or the squared gradient's (MiniLM) row and column "
+          "means, the codes' bytes counted in the bits. They minimise the weighted error, not SQNR: their median SQNR "
+          "is lower than the per-tensor rule's at the same size.",
           "* `ggprior-alloc` minimises the sensitivity-weighted MSE, not SQNR: its median SQNR is not what it "
           "optimises; `ggprior-rel` (equal relative error per tensor) is the SQNR-oriented rule.",
           "* `ggprior-alloc` and `-trellis` keep every tensor of nonzero weight at 10 dB SQNR or more (the "

@@ -53,14 +53,17 @@ from rate_distortion import (  # noqa: E402
 
 TOL = 0.005  # within 0.5 point of the fp32 model's test accuracy
 FIXED = ("gguf", "nf4", "int8")  # the fixed-length peers of the goal (FP8 is reported, not a goal peer)
-OURS = ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-alloc-trellis", "ggprior-rel")
+OURS = ("ggprior-alloc", "ggprior-alloc-rows", "ggprior-alloc-trellis", "ggprior-rel", "ggprior-alloc-channels",
+        "ggprior-alloc-trellis-channels")
 # Lean grids: every point costs a full test-set pass of the decoded classifier (about 10-15 s of CPU here),
 # so each family gets its points where the 0.5-point frontier lies (a sentiment pilot: NNCodec qp -26 holds, -20
 # does not; alloc holds from 2 bits with its SQNR floor); GGUF Q8_0 / Q5_1 and FP8 (6 to 8.5 bits) are left out.
 FULL = {"rels": (0.12,), "targets": (2.0, 2.5, 3.0, 3.5, 4.0), "row_targets": (3.0,), "trellis_targets": (2.0, 2.5, 3.0),
+        "channel_targets": (2.0, 2.5, 3.0),
         "qps": (-32, -26, -23, -20),
         "gguf": ("Q5_0", "Q4_1", "Q4_0"), "calib": 4, "calib_batch": 32, "minilm_max": None, "fp8": ()}
 QUICK = {"rels": (0.16,), "targets": (3.0, 5.0), "row_targets": (3.0,), "trellis_targets": (3.0,), "qps": (-26,),
+         "channel_targets": (3.0,),
          "gguf": ("Q4_0",),
          "calib": 1, "calib_batch": 8, "minilm_max": 4, "fp8": ()}
 QUICK_TEST = 32
@@ -108,6 +111,7 @@ def run_one(task: str, seed: int, p: dict, nnc: bool, a: argparse.Namespace, fam
     calib = list(itertools.islice(batches(data["train"], p["calib_batch"], shuffle=True, generator=gen), p["calib"]))
     w = sensitivity_weights(model, calib, names=tens)
     wr = sensitivity_weights(model, calib, names=tens, per_row=True)
+    wc = sensitivity_weights(model, calib, names=tens, per_channel=True)
 
     test = by_length(data["test"])
     if a.quick:  # the shortest examples only: --quick checks the pipeline, not the figures
@@ -122,7 +126,7 @@ def run_one(task: str, seed: int, p: dict, nnc: bool, a: argparse.Namespace, fam
         return float((preds[-1] == test.tensors["labels"]).double().mean())
 
     ms = [m for m in method_list(p, nnc) if not families or m[0] in families or f"{m[0]}:{m[1]}" in families]
-    res = run_model(f"{task} s{seed}", tens, p, nnc, model, quality, w, wr, ms=ms)
+    res = run_model(f"{task} s{seed}", tens, p, nnc, model, quality, w, wr, ms=ms, channel_fisher=wc)
     for q, pr in zip(res["points"], preds[1:], strict=True):
         q["agreement"] = float((pr == preds[0]).double().mean())
     res.pop("per_tensor")  # per-tensor SQNRs are in rate_distortion.json; kept small here

@@ -222,3 +222,14 @@ def test_damaged_channel_scaled_files_fail_cleanly_or_decode_the_original(tmp_pa
     ref_p.write_bytes(scaled_file)
     ref = load_compressed(ref_p)
     assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
+@given(st.integers(1, 7), st.integers(1, 9), st.data())
+def test_expand_is_the_outer_product_of_any_slice(rows, cols, data):
+    rng = np.random.default_rng(rows * 10 + cols)
+    s = ch.ChannelScales(rng.integers(-16, 5, rows), rng.integers(-16, 5, cols))
+    f = s.factors()
+    full = (0.37 * f[0][:, None] * f[1][None, :]).reshape(-1)
+    lo = data.draw(st.integers(0, rows * cols))
+    n = data.draw(st.integers(0, rows * cols - lo))
+    assert torch.equal(ch.expand(lo, n, f, 0.37), full[lo:lo + n])

@@ -109,8 +109,11 @@ def divide(t: torch.Tensor, scales: ChannelScales) -> torch.Tensor:
 def expand(lo: int, n: int, factors: tuple[torch.Tensor, torch.Tensor], step: float = 1.0) -> torch.Tensor:
     """``step u_i v_j`` (float64) of the flat values ``lo .. lo + n - 1`` of a ``rows x cols`` tensor."""
     u, v = factors
-    idx = torch.arange(lo, lo + n)
-    return step * u[idx // v.numel()] * v[idx % v.numel()]
+    c = v.numel()
+    if n <= 0:
+        return torch.empty(0, dtype=torch.float64)
+    r0, r1 = lo // c, (lo + n - 1) // c + 1  # the rows the values span: at most n + 2 c products
+    return ((step * u[r0:r1, None]) * v[None, :]).reshape(-1)[lo - r0 * c : lo - r0 * c + n]
 
 
 class ScaledSource(TensorSource):
