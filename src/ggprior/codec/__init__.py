@@ -12,12 +12,15 @@
   reading and the public API (:func:`save_compressed`, :func:`load_compressed`);
 * :mod:`.allocate`, :mod:`.sensitivity`, :mod:`.target` - the GG-model bit allocation, its sensitivity weights
   (:func:`sensitivity_weights`, :func:`calibration_weights`: the Fisher of a model folder on text) and target sizes;
+* :mod:`.channels` - a matrix's step shaped per row and column by the Fisher (:class:`ChannelScales`,
+  :func:`channel_scales`);
 * :mod:`.checkpoint` - a ``.ggz`` back to a Hugging Face folder or a model (:func:`decompress`, :func:`from_pretrained`).
 
 Imports ``gg`` and ``io`` only.
 """
 
 from .bits import CodingError
+from .channels import ChannelScales, channel_scales
 from .checkpoint import decompress, from_pretrained
 from .container import (
     ContainerError,
