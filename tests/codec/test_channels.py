@@ -101,6 +101,7 @@ def test_round_trip_decodes_the_integers_times_their_channel_steps(tmp_path, rul
     sd, scales = _model(), _scales()
     h = save_compressed(sd, tmp_path / "m.ggz", channel_scales=scales, **rule)
     assert h["version"] == 3 and read_header(tmp_path / "m.ggz")["version"] == 3
+    assert h["metadata"]["channel_scales"] == "2 tensors"
     back = load_compressed(tmp_path / "m.ggz")
     entries = {e["name"]: e for e in h["tensors"]}
     assert "channel_scales" in entries["a"] and "channel_scales" not in entries["bias"]

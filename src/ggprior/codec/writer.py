@@ -314,6 +314,8 @@ def save_compressed(
             else f"target_bits={target_bits:g}" if target_bits is not None else quant.step_rule(step, bits, rel_error, per_row)}
     if skipped:
         meta["files_skipped"] = ", ".join(skipped)
+    if scales:
+        meta["channel_scales"] = f"{len(scales)} tensors"
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     try:
         if target_size is not None:
