@@ -388,9 +388,10 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
 
 def channel_weights(weights: dict, fisher: dict) -> tuple[dict, dict]:
     """The weights of the scaled tensors and their channel scales (as ``calibration_weights(channels=True)``)."""
-    from ggprior.codec.channels import channel_scales, weight_factor
+    from ggprior.codec.channels import channel_scales, weight_factor, worth_scaling
 
-    scales = {k: channel_scales(*f) for k, f in fisher.items() if float(np.mean(f[0])) > 0}
+    scales = {k: channel_scales(*f) for k, f in fisher.items()
+              if float(np.mean(f[0])) > 0 and worth_scaling((f[0].size, f[1].size))}
     return {k: w * (weight_factor(scales[k], *fisher[k]) if k in scales else 1.0) for k, w in weights.items()}, scales
 
 

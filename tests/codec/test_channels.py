@@ -53,6 +53,12 @@ def test_codes_stay_in_their_clamps_and_fall_as_the_fisher_rises(f, finer, coars
         assert s.rows.tolist() == mean.rows.tolist()
 
 
+def test_only_tensors_large_enough_for_their_codes_are_worth_scaling():
+    assert ch.worth_scaling((576, 1536)) and ch.worth_scaling((64, 64)) and ch.worth_scaling((128, 3, 4, 4))
+    assert not ch.worth_scaling((2, 384)) and not ch.worth_scaling((63, 63)) and not ch.worth_scaling((4096,))
+    assert not ch.worth_scaling((6, 3, 64, 64))  # 12288 column codes for 73728 values
+
+
 def test_a_tensor_without_fisher_is_not_scaled_and_clamps_are_checked():
     s = ch.channel_scales(np.zeros(4), np.zeros(5))
     assert s.rows.tolist() == [0] * 4 and s.cols.tolist() == [0] * 5

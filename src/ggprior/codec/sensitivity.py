@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .allocate import AllocationError
-from .channels import ChannelScales, channel_scales, weight_factor
+from .channels import ChannelScales, channel_scales, weight_factor, worth_scaling
 
 
 def sensitivity_weights(
@@ -168,7 +168,7 @@ def calibration_weights(
     its tokenizer cannot be built or the text is empty.
 
     ``channels=True`` also returns channel scales (:mod:`ggprior.codec.channels`) for every matched tensor of
-    2+ dimensions: ``(weights, scales)``, the weights of those tensors then being those of the scaled tensors
+    2+ dimensions large enough to pay for them (:func:`~ggprior.codec.channels.worth_scaling`): ``(weights, scales)``, the weights of those tensors then being those of the scaled tensors
     (:func:`~ggprior.codec.channels.weight_factor`), as ``save_compressed(weights=, channel_scales=)`` takes them.
     """
     from ..io import open_source
@@ -203,7 +203,8 @@ def calibration_weights(
         if not (np.isfinite(w) and w > 0):
             continue
         out[name] = w
-        if isinstance(v, tuple) and (v[0].size, v[1].size) == _rows_cols(src.shape(name)):
+        if isinstance(v, tuple) and (v[0].size, v[1].size) == _rows_cols(src.shape(name)) and worth_scaling(
+                tuple(src.shape(name))):
             scales[name] = channel_scales(*v)
             out[name] = w * weight_factor(scales[name], *v)
     if len(out) < len(names) / 2:
