@@ -215,6 +215,10 @@ def test_cli_channel_scales(tmp_path, gpt2_folder, monkeypatch):
     assert r.exit_code != 0 and "--channel-scales shape the allocation" in r.output and not out.exists()
     r = run(app, ["compress", args[0], str(out), "--target-bits", "4", "--calibration", "none", "--channel-scales"])
     assert r.exit_code != 0 and "--calibration none turns off" in " ".join(r.output.split()) and not out.exists()
+    bare = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(bare))
+    r = run(app, ["compress", str(bare), str(out), "--target-bits", "4", "--channel-scales"])
+    assert r.exit_code != 0 and "needs a model folder" in " ".join(r.output.split()) and not out.exists()
 
 
 def test_cli_calibration_errors(tmp_path, gpt2_folder):

@@ -48,7 +48,8 @@ def _step_args(step: float | None, bits: int | None, rel_error: float | None) ->
     return {"step": step, "bits": bits, "rel_error": rel_error}
 
 
-def _calibrated(source: str, spec: str | None, tokens: int | None, channels: bool | None) -> tuple[dict | None, dict | None, str]:
+def _calibrated(source: str, spec: str | None, tokens: int | None,
+                channels: bool | None) -> tuple[dict | None, dict | None, str]:
     """Sensitivity weights for a target's allocation (the model folder run on the calibration text, or None), its
     channel scales (``channels`` not False; or None), and a note saying which."""
     from ..codec.allocate import AllocationError
@@ -59,7 +60,8 @@ def _calibrated(source: str, spec: str | None, tokens: int | None, channels: boo
     folder = builtin_model_dir(source) if source in BUILTIN_MODELS else Path(source)
     runnable = (folder / "config.json").is_file()
     if channels and (spec == "none" or not runnable):
-        fail(f"--channel-scales come from the calibration, which {'--calibration none turns off' if spec == 'none' else f'needs a model folder ({source} is not one)'}")
+        why = "--calibration none turns off" if spec == "none" else f"needs a model folder ({source} is not one)"
+        fail(f"--channel-scales come from the calibration, which {why}")
     if spec == "none":
         return None, None, "every tensor weighs the same in the allocation (--calibration none)"
     if spec is None and not runnable:

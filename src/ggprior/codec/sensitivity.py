@@ -41,8 +41,8 @@ def sensitivity_weights(
     with labels, else ``model(batch).loss``). With ``per_row`` the mean over each row of 2-D
     tensors is returned (an array); with ``per_channel``, for tensors of 2+ dimensions, the means over each
     row and over each column (dim 0 by the rest flattened) as a pair of arrays, the input of
-    :func:`ggprior.codec.channels.channel_scales` (their mean is the tensor's weight). ``kind="act"``: for every ``nn.Linear`` weight, the mean
-    squared input activation (forward hooks), i.e. the output error power per unit weight error.
+    :func:`ggprior.codec.channels.channel_scales` (their mean is the tensor's weight).
+    ``kind="act"``: for every ``nn.Linear`` weight, the mean squared input activation (forward hooks), i.e. the output error power per unit weight error.
     Returns name -> weight (float, or array per row). ``seed`` seeds the Fisher's draws.
     """
     want = set(names) if names is not None else None
@@ -168,7 +168,8 @@ def calibration_weights(
     its tokenizer cannot be built or the text is empty.
 
     ``channels=True`` also returns channel scales (:mod:`ggprior.codec.channels`) for every matched tensor of
-    2+ dimensions large enough to pay for them (:func:`~ggprior.codec.channels.worth_scaling`): ``(weights, scales)``, the weights of those tensors then being those of the scaled tensors
+    2+ dimensions large enough to pay for them (:func:`~ggprior.codec.channels.worth_scaling`):
+    ``(weights, scales)``, the weights of those tensors then being those of the scaled tensors
     (:func:`~ggprior.codec.channels.weight_factor`), as ``save_compressed(weights=, channel_scales=)`` takes them.
     """
     from ..io import open_source
@@ -203,8 +204,9 @@ def calibration_weights(
         if not (np.isfinite(w) and w > 0):
             continue
         out[name] = w
-        if isinstance(v, tuple) and (v[0].size, v[1].size) == _rows_cols(src.shape(name)) and worth_scaling(
-                tuple(src.shape(name))):
+        shape = tuple(src.shape(name))
+        if isinstance(v, tuple) and worth_scaling(shape) and (v[0].size, v[1].size) == (
+                shape[0], math.prod(shape[1:])):
             scales[name] = channel_scales(*v)
             out[name] = w * weight_factor(scales[name], *v)
     if len(out) < len(names) / 2:
@@ -213,10 +215,6 @@ def calibration_weights(
     fill = float(np.median(list(out.values())))
     weights = {k: out.get(k, fill) for k in names}
     return (weights, scales) if channels else weights
-
-
-def _rows_cols(shape) -> tuple[int, int]:
-    return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (-1, -1)
 
 
 def _load_for_calibration(path: Path) -> tuple[nn.Module, object]:
