@@ -1,9 +1,10 @@
 """Trellis (dependent) quantization against uniform scalar quantization, at equal MSE, and both against the bound.
 
-    python experiments/trellis_rd.py [--quick] [--out docs/results/rate_distortion]
+    python experiments/trellis_rd.py [--quick] [--out docs/results/rate_distortion] [--smollm2-layers 0,15,29]
 
 Tensors: synthetic GG (gamma 0.5 / 1 / 1.5 / 2, 1M values each, seed 0) and the 2-D matrices of
-the built-in all-MiniLM-L6-v2 (as in experiments/rate_distortion.py). For each tensor and each target
+the built-in all-MiniLM-L6-v2 (as in experiments/rate_distortion.py); with ``--smollm2-layers 0,15,29`` also the
+matrices of those decoder layers of SmolLM2-135M. For each tensor and each target
 rate (3, 4, 5, 6, 8 bits/weight): the scalar step ``s_b`` whose GG-model entropy is ``b``
 (``gg_rd``), scalar quantization on a grid of steps around it (real size: rANS under the fitted GG
 plus the step, ``allocate.real_bits``, as ``ggprior compress`` codes it), and trellis quantization
@@ -40,6 +41,7 @@ FULL = {"n": 1 << 20, "rates": (3.0, 4.0, 5.0, 6.0, 8.0), "lam_cs": (0.2, 0.3, 0
         "tune_rates": (3.0, 4.0, 6.0), "minilm_max": None}
 QUICK = {"n": 1 << 16, "rates": (4.0, 6.0), "lam_cs": (0.3, 0.5), "tune_rates": (4.0,), "minilm_max": 3}
 STATES = (4, 8)
+GROUPS = ("synthetic", "minilm", "smollm2")
 
 
 def scalar_step(beta: float, gamma: float, bits: float) -> float:
@@ -113,6 +115,15 @@ def minilm_matrices(limit: int | None) -> dict[str, torch.Tensor]:
     return matrices(AutoModel.from_pretrained(str(builtin_model_dir("minilm"))), limit)
 
 
+def smollm2_matrices(layers: list[int]) -> dict[str, torch.Tensor]:
+    """The matrices of SmolLM2-135M's decoder ``layers`` (7 each: q, k, v, o, gate, up, down)."""
+    from formats_study import load_smollm2
+    from rate_distortion import matrices
+
+    model, _ = load_smollm2()
+    return {k: v for k, v in matrices(model, None).items() if any(f"layers.{i}." in k for i in layers)}
+
+
 def summarize(rows: list[dict], group: str) -> list[dict]:
     """Median gain / distances over tensors, per (states, target rate), and the weight-summed bits."""
     out = []
@@ -160,8 +171,9 @@ def plot(res: dict, path: Path) -> Path:
     a1.set_ylabel("SNR vs beta^2 (dB); dotted: scalar, dots: trellis-4")
     a1.set_xlim(2, 9)
     a1.legend(fontsize=7)
-    for (grp, ns), (mk, ls) in zip([(g, s) for g in ("synthetic", "minilm") for s in STATES],
-                                   [("o", "-"), ("s", "-"), ("o", "--"), ("s", "--")], strict=True):
+    groups = [g for g in GROUPS if res.get(g)]
+    for (grp, ns), (mk, ls) in zip([(g, s) for g in groups for s in STATES],
+                                   [(m, ls) for ls in ("-", "--", ":") for m in ("o", "s")], strict=False):
         rows = sorted((s for s in res["summary"] if s["group"] == grp and s["states"] == ns), key=lambda s: s["target"])
         a2.plot([s["bits"] for s in rows], [s["median_gap_bits"] for s in rows], marker=mk, ls=ls,
                 label=f"{grp}: trellis-{ns}")
@@ -220,7 +232,7 @@ def report(res: dict) -> str:
 
 def verdict(summary: list[dict]) -> list[str]:
     out = []
-    for grp in ("synthetic", "minilm"):
+    for grp in GROUPS:
         for ns in STATES:
             rows = [s for s in summary if s["group"] == grp and s["states"] == ns]
             if not rows:
@@ -239,6 +251,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "rate_distortion")
+    ap.add_argument("--smollm2-layers", default="", help="comma-separated decoder layers of SmolLM2-135M to add "
+                    "(e.g. 0,15,29: 21 matrices, 10.6M weights)")
     a = ap.parse_args()
     p = QUICK if a.quick else FULL
     t0 = time.time()
@@ -250,9 +264,14 @@ def main() -> None:
     for k, w in minilm_matrices(p["minilm_max"]).items():
         res["minilm"].append(measure(k, w, p["rates"]))
         print(k, flush=True)
-    res["summary"] = summarize(res["synthetic"], "synthetic") + summarize(res["minilm"], "minilm")
+    res["smollm2"] = []
+    if a.smollm2_layers:
+        for k, w in smollm2_matrices([int(x) for x in a.smollm2_layers.split(",")]).items():
+            res["smollm2"].append(measure(k, w, p["rates"]))
+            print(k, flush=True)
+    res["summary"] = [s for g in GROUPS if res[g] for s in summarize(res[g], g)]
     res["verdict"] = verdict(res["summary"])
-    per_m = [q["quantize_s"] / r["n"] * 1e6 for r in res["synthetic"] + res["minilm"] for q in r["trellis"]]
+    per_m = [q["quantize_s"] / r["n"] * 1e6 for g in GROUPS for r in res[g] for q in r["trellis"]]
     res["meta"] = {"command": "python " + shlex.join(["experiments/trellis_rd.py", *sys.argv[1:]]),
                    "seconds": time.time() - t0, "params": p, "lam_c": T.LAMBDA_C,
                    "quantize_s_per_mvalue": float(np.median(per_m))}
