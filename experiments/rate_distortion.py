@@ -316,6 +316,8 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
     ``channel_fisher``: name -> (row means, column means) of the Fisher, for the ``-channels`` families (the
     library's default channel scales, ``calibration_weights(channels=True)``'s rule)."""
     ms = methods(p, nnc) if ms is None else ms
+    if channel_fisher is None:  # no calibration (the synthetic tensors): no channel scales
+        ms = [m for m in ms if not m[0].endswith("-channels")]
     n = sum(t.numel() for t in tens.values())
     res = {"model": label, "tensors": len(tens), "weights": n, "points": [], "per_tensor": []}
     if quality is not None:
