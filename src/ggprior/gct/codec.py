@@ -118,6 +118,10 @@ def decode_frame(data: bytes | memoryview) -> tuple[np.ndarray, float]:
     if cid >= len(CODERS):
         raise CodingError(f"gradient frame names unknown coder id {cid}")
     name = list(CODERS.values())[cid]
+    try:
+        step = check_step(step)
+    except ValueError as err:  # a damaged step: a frame error like any other
+        raise CodingError(f"gradient frame: {err}") from err
     keys = _RANS_KEYS if name == "ans-hist" else registry._PARAM_KEYS[name]
     if nparams != len(keys) or len(mv) < _HEAD.size + nparams * _PARAM.size:
         raise CodingError(f"gradient frame: {nparams} coder parameters, coder {name!r} takes {len(keys)}")
@@ -127,9 +131,9 @@ def decode_frame(data: bytes | memoryview) -> tuple[np.ndarray, float]:
         params[k] = _PARAM.unpack_from(mv, off)[0]
         off += _PARAM.size
     if name != "ans-hist":
-        return registry.decode(name, mv[off:], n, params), check_step(step)
+        return registry.decode(name, mv[off:], n, params), step
     tb = params["table_bytes"]
     if not 0 < tb <= len(mv) - off or abs(params["qmin"]) > Q_MAX:
         raise CodingError(f"gradient frame: table of {tb} bytes or qmin {params['qmin']} does not fit the frame")
     freqs, _ = rans.unpack_freqs(mv[off:off + tb], params["nsym"], rans.PROB_BITS)
-    return rans.decode(mv[off + tb:], freqs, n).astype(np.int64) + params["qmin"], check_step(step)
+    return rans.decode(mv[off + tb:], freqs, n).astype(np.int64) + params["qmin"], step
