@@ -215,7 +215,8 @@ def test_damaged_channel_scaled_files_fail_cleanly_or_decode_the_original(tmp_pa
     for _ in range(data.draw(st.integers(1, 6), "n")):
         good[data.draw(st.integers(0, len(good) - 1))] ^= data.draw(st.integers(1, 255))
     header, body = _split(scaled_file)
-    if data.draw(st.booleans(), "rewrite"):  # a header rewritten with a valid checksum
+    rewrite = data.draw(st.booleans(), "rewrite")
+    if rewrite:  # a header rewritten with a valid checksum: its checks, not the stream checksums, must hold
         e = header["tensors"][0]["channel_scales"]
         e[data.draw(st.sampled_from(sorted(e)))] = data.draw(st.integers(-(2**40), 2**40) | st.none() | st.text(max_size=3))
         good = bytearray(_join(header, body, 3))
@@ -228,7 +229,10 @@ def test_damaged_channel_scaled_files_fail_cleanly_or_decode_the_original(tmp_pa
     ref_p = tmp_path_factory.mktemp("ref") / "m.ggz"
     ref_p.write_bytes(scaled_file)
     ref = load_compressed(ref_p)
-    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    if rewrite:  # a valid header may mean other codes (qmin, width): the right shapes, finite values
+        assert all(out[k].shape == ref[k].shape and bool(torch.isfinite(out[k]).all()) for k in ref)
+    else:  # only a change that cancels out may load, and then it decodes the original
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
 
 
 @given(st.integers(1, 7), st.integers(1, 9), st.data())
