@@ -89,9 +89,10 @@ def plot(results: list[dict], path: Path) -> None:
                   for c in clamps]
             ax.plot(range(len(clamps)), ys, "o-", label=f"{b:g} bits/weight")
         ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_yscale("log")
         ax.set_xticks(range(len(clamps)), clamps)
         ax.set_xlabel("clamps finer:coarser (octaves)")
-        ax.set_ylabel(f"{r['measure']} / without scales")
+        ax.set_ylabel(f"{r['measure']} / without scales (log)")
         ax.set_title(r["model"])
         ax.legend()
     save_figure(fig, path)
@@ -116,6 +117,17 @@ def readme(results: list[dict], command: str) -> str:
                 cells.append(f"{x['bits']:.3f} | {x['distortion']:.3g} | {x['distortion'] / base['distortion']:.2f}")
             out.append(f"| {c}{' (default)' if c == DEFAULT else ''} | " + " | ".join(cells) + " |")
         out.append("")
+        for b in sorted({x["target"] for x in r["rows"]}):
+            rows = [x for x in r["rows"] if x["target"] == b]
+            base = next(x["distortion"] for x in rows if x["clamps"] == "none")
+            best = min(rows, key=lambda x: x["distortion"])
+            out.append(f"* {r['model']} at {b:g} bits/weight: the least {r['measure']} with clamps {best['clamps']} "
+                       f"({best['distortion'] / base:.2f}x without scales); the most with "
+                       f"{max(rows, key=lambda x: x['distortion'])['clamps']} "
+                       f"({max(x['distortion'] for x in rows) / base:.2f}x).")
+        out.append("")
+    out += ["The Fisher is a local model of small, independent errors; a channel quantized far coarser than the "
+            "rest is a large, coherent one, which it underprices. The library's clamps are the default row.", ""]
     return "\n".join(out)
 
 
@@ -123,7 +135,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,minilm")
     ap.add_argument("--out", type=Path, default=RD.REPO / "docs" / "results" / "channel_scales")
+    ap.add_argument("--report-only", action="store_true", help="rewrite README.md and the plot from the JSON")
     a = ap.parse_args()
+    if a.report_only:
+        d = json.loads((a.out / "channel_scales.json").read_text())
+        plot(d["results"], a.out / "channel_scales.png")
+        (a.out / "README.md").write_text(readme(d["results"], d["command"]))
+        return
     results = [run(m, CLAMPS, TARGETS) for m in a.models.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     command = RD.command_line("experiments/channel_scales.py")
