@@ -2,6 +2,8 @@
 
     python experiments/channel_scales.py                 # both models, about 20 min on 2 idle cores
     python experiments/channel_scales.py --models minilm # one
+    python experiments/channel_scales.py --models smollm2 --lm-calib 64 --clamps none,2:0.5 \
+        --out docs/results/channel_scales/calib16384     # 16384 calibration tokens instead of 4096
 
 For each model: the Fisher's row and column means of every matrix (``sensitivity_weights(kind="fisher",
 per_channel=True)``; SmolLM2 on 16 blocks of 256 bbc-lm train tokens, MiniLM on its 4 calibration pairs as in
@@ -39,9 +41,9 @@ def _quality(model_name: str, quality, m) -> float:
     return q["kl"] if model_name == "smollm2" else 1.0 - q
 
 
-def run(model_name: str, clamps: tuple[str, ...], targets: tuple[float, ...], log=print) -> dict:
+def run(model_name: str, clamps: tuple[str, ...], targets: tuple[float, ...], log=print, lm_calib: int = 16) -> dict:
     torch.manual_seed(0)
-    p = dict(RD.FULL, lm_tokens=8192)
+    p = dict(RD.FULL, lm_tokens=8192, lm_calib=lm_calib)
     if model_name == "smollm2":
         model, quality, calib, loss_fn = RD.smollm2(p)
         kw = {"kind": "fisher"}
@@ -135,6 +137,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,minilm")
     ap.add_argument("--out", type=Path, default=RD.REPO / "docs" / "results" / "channel_scales")
+    ap.add_argument("--clamps", default=",".join(CLAMPS), help="comma-separated finer:coarser octaves, or none")
+    ap.add_argument("--targets", default=",".join(map(str, TARGETS)), help="bits/weight")
+    ap.add_argument("--lm-calib", type=int, default=16, help="SmolLM2 calibration blocks of 256 tokens")
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md and the plot from the JSON")
     a = ap.parse_args()
     if a.report_only:
@@ -142,7 +147,8 @@ def main() -> None:
         plot(d["results"], a.out / "channel_scales.png")
         (a.out / "README.md").write_text(readme(d["results"], d["command"]))
         return
-    results = [run(m, CLAMPS, TARGETS) for m in a.models.split(",")]
+    results = [run(m, tuple(a.clamps.split(",")), tuple(float(x) for x in a.targets.split(",")), lm_calib=a.lm_calib)
+               for m in a.models.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     command = RD.command_line("experiments/channel_scales.py")
     (a.out / "channel_scales.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
