@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rate_distortion as RD  # noqa: E402
-from ggprior.codec.channels import channel_scales, weight_factor  # noqa: E402
+from ggprior.codec.channels import scaled_weights  # noqa: E402
 from ggprior.codec.sensitivity import sensitivity_weights  # noqa: E402
 
 CLAMPS = ("none", "1:1", "2:0.5", "2:1", "3:1", "1:0.5", "4:4")
@@ -61,9 +61,7 @@ def run(model_name: str, clamps: tuple[str, ...], targets: tuple[float, ...], lo
                 w, scales = weights, None
             else:
                 finer, coarser = (float(x) for x in c.split(":"))
-                scales = {k: channel_scales(*f, finer=finer, coarser=coarser) for k, f in fisher.items()
-                          if float(f[0].mean()) > 0}
-                w = {k: v * (weight_factor(scales[k], *fisher[k]) if k in scales else 1.0) for k, v in weights.items()}
+                w, scales = scaled_weights(weights, fisher, finer=finer, coarser=coarser)
             recon, bits = RD.m_file_alloc(tens, b, w, trellis=False, scales=scales)
             m2 = copy.deepcopy(model)
             sd = m2.state_dict()

@@ -57,6 +57,7 @@ import ggprior.gg
 from ggprior import formats
 from ggprior.codec import allocate as A
 from ggprior.codec import quantizer as quant
+from ggprior.codec.channels import scaled_weights
 from ggprior.codec.sensitivity import sensitivity_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,7 +338,7 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
         elif fam == "ggprior-alloc-trellis":
             tr_recon, tr_bits = m_file_alloc(tens, arg, weights)
         elif fam.endswith("-channels"):
-            cw, scales = channel_weights(weights, channel_fisher)
+            cw, scales = scaled_weights(weights, channel_fisher)
             tr_recon, tr_bits = m_file_alloc(tens, arg, cw, trellis=fam == "ggprior-alloc-trellis-channels",
                                              scales=scales)
         recon, bits, rows = {}, 0.0, []
@@ -386,15 +387,6 @@ def run_model(label: str, tens: dict[str, torch.Tensor], p: dict, nnc: bool, mod
             + (f", quality {pt['quality']:.5f}" if "quality" in pt else "")
             + (f", KL {pt['kl']:.5f}" if "kl" in pt else "") + f" ({pt['seconds']:.0f} s)")
     return res
-
-
-def channel_weights(weights: dict, fisher: dict) -> tuple[dict, dict]:
-    """The weights of the scaled tensors and their channel scales (as ``calibration_weights(channels=True)``)."""
-    from ggprior.codec.channels import channel_scales, weight_factor, worth_scaling
-
-    scales = {k: channel_scales(*f) for k, f in fisher.items()
-              if float(np.mean(f[0])) > 0 and worth_scaling((f[0].size, f[1].size))}
-    return {k: w * (weight_factor(scales[k], *fisher[k]) if k in scales else 1.0) for k, w in weights.items()}, scales
 
 
 def _measured(q: float | dict) -> dict:

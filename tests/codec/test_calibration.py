@@ -126,12 +126,12 @@ def test_calibration_weights_of_a_causal_lm_and_an_encoder(gpt2_folder, bert_fol
 
 
 def test_calibration_channel_scales_of_a_causal_lm_and_an_encoder(gpt2_folder, bert_folder, monkeypatch):
-    from ggprior.codec import sensitivity
+    from ggprior.codec import channels
     from ggprior.codec.channels import COARSER, ChannelScales
 
     # every matrix of these 32-wide models is too small to pay for its codes: no scales
     assert calibration_weights(gpt2_folder, [TEXT], tokens=100, block=64, channels=True)[1] == {}
-    monkeypatch.setattr(sensitivity, "worth_scaling", lambda shape: len(shape) >= 2)
+    monkeypatch.setattr(channels, "worth_scaling", lambda shape: len(shape) >= 2)
     for folder in (gpt2_folder, bert_folder):
         plain = calibration_weights(folder, [TEXT], tokens=100, block=64)
         w, scales = calibration_weights(folder, [TEXT], tokens=100, block=64, channels=True)
@@ -196,9 +196,9 @@ def test_cli_compress_calibrates_a_model_folder(tmp_path, gpt2_folder):
 
 
 def test_cli_channel_scales(tmp_path, gpt2_folder, monkeypatch):
-    from ggprior.codec import sensitivity
+    from ggprior.codec import channels
 
-    monkeypatch.setattr(sensitivity, "worth_scaling", lambda shape: len(shape) >= 2)  # the tiny model's matrices
+    monkeypatch.setattr(channels, "worth_scaling", lambda shape: len(shape) >= 2)  # the tiny model's matrices
     run = CliRunner().invoke
     args = [str(gpt2_folder), "--target-bits", "4", "--select", "matrices", "--calibration-tokens", "200"]
     r = run(app, ["compress", args[0], str(tmp_path / "s.ggz"), *args[1:]])

@@ -78,12 +78,17 @@ class ChannelScales:
                 raise CodingError(f"{name}: channel scale codes must lie in [-{CODE_MAX}, {CODE_MAX}]")
 
 
-def _codes(fisher: np.ndarray, finer: float, coarser: float) -> np.ndarray:
+def _filled(fisher: np.ndarray) -> np.ndarray | None:
+    """The Fisher means as float64, entries without evidence (0, non-finite) at the mean; None when none has any."""
     f = np.asarray(fisher, dtype=np.float64).reshape(-1)
     good = np.isfinite(f) & (f > 0)
-    if not good.any():
-        return np.zeros(f.size, dtype=np.int64)
-    f = np.where(good, f, f[good].mean())  # no evidence: the mean sensitivity
+    return np.where(good, f, f[good].mean()) if good.any() else None
+
+
+def _codes(fisher: np.ndarray, finer: float, coarser: float) -> np.ndarray:
+    f = _filled(fisher)
+    if f is None:
+        return np.zeros(np.size(fisher), dtype=np.int64)
     lg = -0.5 * np.log2(f)
     lg -= lg.mean()
     return np.clip(np.round(lg * DIV), -round(finer * DIV), round(coarser * DIV)).astype(np.int64)
@@ -103,13 +108,19 @@ def weight_factor(scales: ChannelScales, row_fisher: np.ndarray, col_fisher: np.
     rank-one Fisher ``F_ij ~ r_i c_j`` (1 when the Fisher is zero)."""
     u, v = (f.numpy() for f in scales.factors())
     out = 1.0
-    for f, x in ((row_fisher, u), (col_fisher, v)):
-        f = np.asarray(f, dtype=np.float64).reshape(-1)
-        good = np.isfinite(f) & (f > 0)
-        if good.any():
-            f = np.where(good, f, f[good].mean())
+    for f, x in ((_filled(row_fisher), u), (_filled(col_fisher), v)):
+        if f is not None:
             out *= float((f * x * x).mean() / f.mean())
     return out
+
+
+def scaled_weights(weights: Mapping[str, float], fisher: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
+                   finer: float = FINER, coarser: float = COARSER) -> tuple[dict[str, float], dict[str, ChannelScales]]:
+    """Channel scales from each tensor's Fisher row and column means (tensors with Fisher, large enough to pay
+    for their codes: :func:`worth_scaling`) and the weights of the scaled tensors; other weights unchanged."""
+    scales = {k: channel_scales(*f, finer=finer, coarser=coarser) for k, f in fisher.items()
+              if float(np.mean(f[0])) > 0 and worth_scaling((np.size(f[0]), np.size(f[1])))}
+    return {k: w * weight_factor(scales[k], *fisher[k]) if k in scales else w for k, w in weights.items()}, scales
 
 
 def divide(t: torch.Tensor, scales: ChannelScales) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .allocate import AllocationError
-from .channels import ChannelScales, channel_scales, weight_factor, worth_scaling
+from .channels import ChannelScales, scaled_weights
 
 
 def sensitivity_weights(
@@ -195,7 +195,7 @@ def calibration_weights(
                               f"({_first_line(e)}); pass --calibration none") from e
     first = {id(p): k for k, p in model.named_parameters()}  # tied parameters share one weight
     params = {k: got.get(first[id(p)], np.nan) for k, p in model.named_parameters(remove_duplicate=False)}
-    out, scales, src = {}, {}, open_source(path)
+    out, fisher, src = {}, {}, open_source(path)
     names = floating_names(src)
     for name in names:
         hits = [k for k in params if k == name or k.endswith("." + name) or name.endswith("." + k)]
@@ -205,10 +205,9 @@ def calibration_weights(
             continue
         out[name] = w
         shape = tuple(src.shape(name))
-        if isinstance(v, tuple) and worth_scaling(shape) and (v[0].size, v[1].size) == (
-                shape[0], math.prod(shape[1:])):
-            scales[name] = channel_scales(*v)
-            out[name] = w * weight_factor(scales[name], *v)
+        if isinstance(v, tuple) and len(shape) >= 2 and (v[0].size, v[1].size) == (shape[0], math.prod(shape[1:])):
+            fisher[name] = v
+    out, scales = scaled_weights(out, fisher)
     if len(out) < len(names) / 2:
         raise AllocationError(f"{path}: only {len(out)} of {len(names)} tensors match the parameters of the "
                               f"{type(model).__name__} built from its config; no calibration")
